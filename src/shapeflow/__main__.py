@@ -1,0 +1,5 @@
+import sys
+
+from shapeflow.cli import main
+
+sys.exit(main())

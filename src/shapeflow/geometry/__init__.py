@@ -1,0 +1,1 @@
+"""Torch-free geometry: numpy/trimesh functions on (vertices, faces) arrays."""

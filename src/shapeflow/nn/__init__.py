@@ -1,0 +1,1 @@
+"""The few layers every model uses identically (attention, MLP, embeddings)."""

@@ -1,0 +1,131 @@
+"""Multi-head attention on PyTorch scaled-dot-product attention (SDPA), the one attention path.
+
+SDPA picks the fused flash / memory-efficient kernels on GPUs and a fused CPU kernel otherwise, so
+there is no backend switch and no environment variable (compare TRELLIS' ``ATTN_BACKEND``).
+
+Weight layout (fixed; checkpoint loaders of other projects permute into it):
+
+* self-attention: ``to_qkv`` Linear(dim -> 3 * dim); output rows are ``[q | k | v]``, each ``(h d)``
+  (heads outer, head channels inner), i.e. ``rearrange(..., "b n (three h d) -> three b h n d")``.
+* cross-attention: ``to_q`` Linear(dim -> dim), ``to_kv`` Linear(context_dim -> 2 * dim) with rows ``[k | v]``.
+* ``to_out`` Linear(dim -> dim).
+
+qk-norm (normalising queries and keys per head before the dot product) keeps logits bounded in
+bf16/fp16 training (SD3, TRELLIS, Hunyuan3D). Two kinds, as used by the public checkpoints:
+
+* ``"layer"``: ``LayerNorm(head_dim)`` with weight and bias, eps 1e-6 (Hunyuan3D ShapeVAE).
+* ``"rms"``: ``normalize(x) * gamma[h, d] * sqrt(head_dim)`` (TRELLIS ``MultiHeadRMSNorm``).
+
+Legend: b batch, n query tokens, m key/value tokens, h heads, d head channels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MultiHeadRMSNorm(nn.Module):
+    """Per-head L2 normalisation with a learned per-head, per-channel gain (TRELLIS ``MultiHeadRMSNorm``)."""
+
+    def __init__(self, heads: int, head_dim: int):
+        super().__init__()
+        self.scale = math.sqrt(head_dim)
+        self.gamma = nn.Parameter(torch.ones(heads, head_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (b, h, n, d)
+        y = F.normalize(x.float(), dim=-1) * self.gamma[None, :, None, :] * self.scale
+        return y.to(x.dtype)
+
+
+def make_qk_norm(kind: str | None, heads: int, head_dim: int) -> nn.Module:
+    """Build one query or key normaliser of the given kind (``"layer"``, ``"rms"`` or ``None``)."""
+    if kind is None or kind == "none":
+        return nn.Identity()
+    if kind == "layer":
+        return _HeadLayerNorm(head_dim)
+    if kind == "rms":
+        return MultiHeadRMSNorm(heads, head_dim)
+    raise ValueError(f"unknown qk_norm {kind!r}; expected 'layer', 'rms' or None")
+
+
+class _HeadLayerNorm(nn.LayerNorm):
+    """LayerNorm over the head channels of a (b, h, n, d) tensor."""
+
+    def __init__(self, head_dim: int):
+        super().__init__(head_dim, eps=1e-6)
+
+
+class Attention(nn.Module):
+    """Self-attention (``context_dim=None``) or cross-attention to a context sequence.
+
+    Parameters
+    ----------
+    dim : width of the query stream (and of the output).
+    heads : number of heads; ``dim`` must be divisible by it.
+    context_dim : width of the context for cross-attention; ``None`` makes it self-attention.
+    qkv_bias : bias on the q/k/v projections.
+    qk_norm : ``"layer"``, ``"rms"`` or ``None`` (see module docstring).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        heads: int,
+        context_dim: int | None = None,
+        qkv_bias: bool = False,
+        qk_norm: str | None = "layer",
+        out_bias: bool = True,
+    ):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads, self.head_dim = heads, dim // heads
+        self.is_cross = context_dim is not None
+        if self.is_cross:
+            self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
+            self.to_kv = nn.Linear(context_dim, 2 * dim, bias=qkv_bias)
+        else:
+            self.to_qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.q_norm = make_qk_norm(qk_norm, heads, self.head_dim)
+        self.k_norm = make_qk_norm(qk_norm, heads, self.head_dim)
+        self.to_out = nn.Linear(dim, dim, bias=out_bias)
+
+    def project(self, x: torch.Tensor, context: torch.Tensor | None = None):
+        """Return normalised ``q (b, h, n, d)``, ``k (b, h, m, d)`` and ``v (b, h, m, d)``."""
+        b, n, _ = x.shape
+        h, d = self.heads, self.head_dim
+        if self.is_cross:
+            if context is None:
+                raise ValueError("cross-attention needs a context tensor")
+            q = self.to_q(x).view(b, n, h, d).transpose(1, 2)  # (b, h, n, d)
+            kv = self.to_kv(context).view(b, context.shape[1], 2, h, d)  # (b, m, 2, h, d)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (b, h, m, d)
+        else:
+            qkv = self.to_qkv(x).view(b, n, 3, h, d)  # (b, n, 3, h, d)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (b, h, n, d)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (b, n, dim); context: (b, m, context_dim) for cross-attention. Returns (b, n, dim)."""
+        q, k, v = self.project(x, context)
+        out = F.scaled_dot_product_attention(q, k, v)  # (b, h, n, d)
+        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)  # (b, n, h*d)
+        return self.to_out(out)
+
+
+class MLP(nn.Module):
+    """Linear -> GELU -> Linear. ``approximate="none"`` is exact erf GELU (Hunyuan3D); ``"tanh"`` is TRELLIS'."""
+
+    def __init__(self, dim: int, hidden: int, *, out_dim: int | None = None, approximate: str = "none"):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate=approximate)
+        self.fc2 = nn.Linear(hidden, out_dim or dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))

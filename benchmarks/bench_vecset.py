@@ -1,0 +1,373 @@
+"""VecSet VAE benchmarks (CPU): volume decoding, a base training step, tiny encode + decode.
+
+Parts (``--part``, default ``all``):
+
+* ``decode``: hierarchical vs dense decoding at 256^3.
+  - ``base``: the base preset (random init) evaluated at every query, on the field
+    ``torus_sdf(p) + 0.005 * net(p)`` so there is a real surface (a random net has none) and every query
+    pays the base decoder's cost. Hierarchical runs in full; dense runs ``--dense-chunks`` chunks and its
+    time is extrapolated linearly to all ``257^3`` nodes (every dense chunk does identical work; a full
+    base dense decode would take about half an hour on this CPU).
+  - ``tiny``: a tiny model briefly trained (``--train-steps``) to reconstruct a torus; both strategies run
+    in full at 256^3 and the meshes are compared (Chamfer-L1, Euler characteristic, components).
+* ``train``: one base training step (forward + backward + AdamW) on CPU; FLOPs counted with
+  ``torch.utils.flop_counter.FlopCounterMode`` (plus SDPA, which it does not count on CPU), divided by
+  the step time, against a 2048^2 fp32 matmul measured in the same run.
+* ``tiny``: encode + decode (hierarchical, 128^3, marching cubes) of one shape with the trained tiny model.
+* ``mem``: peak RSS of a chunked dense 256^3 decode with the base preset, in a fresh subprocess
+  (``--mem-chunks`` chunks; memory is at steady state after the first chunk).
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_vecset.py --part all --out bench_vecset.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+from shapeflow.decode import VecSetField, dense_field, field_to_mesh, hierarchical_field, reconstruct_mesh
+from shapeflow.models.vecset_losses import VecSetLossConfig, vecset_vae_loss
+from shapeflow.models.vecset_vae import VecSetVAE, from_preset
+
+R_MAJOR, R_MINOR = 0.5, 0.2
+
+
+# ------------------------------------------------------------------------------------------------
+# An analytic shape: torus around z
+# ------------------------------------------------------------------------------------------------
+
+
+def torus_sdf(p: torch.Tensor) -> torch.Tensor:
+    q = torch.stack([torch.sqrt(p[..., 0] ** 2 + p[..., 1] ** 2) - R_MAJOR, p[..., 2]], dim=-1)
+    return q.norm(dim=-1) - R_MINOR
+
+
+def torus_surface(n: int, g: torch.Generator) -> torch.Tensor:
+    """(n, 7) area-uniform surface samples [xyz, outward normal, sharp flag 0]."""
+    u = torch.rand(4 * n, generator=g) * 2 * math.pi
+    v = torch.rand(4 * n, generator=g) * 2 * math.pi
+    keep = torch.rand(4 * n, generator=g) < (R_MAJOR + R_MINOR * torch.cos(v)) / (R_MAJOR + R_MINOR)
+    u, v = u[keep][:n], v[keep][:n]
+    normal = torch.stack([torch.cos(v) * torch.cos(u), torch.cos(v) * torch.sin(u), torch.sin(v)], -1)
+    centre = torch.stack([R_MAJOR * torch.cos(u), R_MAJOR * torch.sin(u), torch.zeros_like(u)], -1)
+    return torch.cat([centre + R_MINOR * normal, normal, torch.zeros(n, 1)], dim=-1)
+
+
+def torus_batch(b: int, n: int, q: int, g: torch.Generator) -> dict:
+    surface = torch.stack([torus_surface(n, g) for _ in range(b)])
+    uni = torch.rand(b, q // 2, 3, generator=g) * 2 - 1
+    base = torch.stack([torus_surface(q - q // 2, g)[:, :3] for _ in range(b)])
+    sigma = torch.where(torch.arange(q - q // 2) % 2 == 0, 0.005, 0.05)[None, :, None]
+    near = base + sigma * torch.randn(base.shape, generator=g)
+    points = torch.cat([uni, near], dim=1)
+    groups = torch.cat([torch.zeros(b, q // 2), 1 + (torch.arange(q - q // 2) % 2).expand(b, -1)], 1)
+    return dict(surface=surface, points=points, sdf=torus_sdf(points), groups=groups.to(torch.uint8))
+
+
+def chamfer(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.spatial import cKDTree
+
+    return float(0.5 * (cKDTree(b).query(a)[0].mean() + cKDTree(a).query(b)[0].mean()))
+
+
+def topology(v, f) -> tuple[int, int]:
+    import trimesh
+
+    m = trimesh.Trimesh(v, f, process=True)
+    return int(m.euler_number), len(m.split(only_watertight=False))
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+# ------------------------------------------------------------------------------------------------
+# Parts
+# ------------------------------------------------------------------------------------------------
+
+
+def train_tiny(steps: int, seed: int = 0) -> VecSetVAE:
+    """Overfit the tiny preset to the torus (one thread: small ops gain nothing from a second one, and
+    OpenMP barriers stall when the other core is busy with someone else's job)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_tiny(steps, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_tiny(steps: int, seed: int) -> VecSetVAE:
+    torch.manual_seed(seed)
+    model = VecSetVAE(from_preset("tiny"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    cfg = VecSetLossConfig()
+    t0 = time.perf_counter()
+    for step in range(steps):
+        for group in opt.param_groups:
+            cosine = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps))
+            group["lr"] = 1e-3 * min(1.0, (step + 1) / 50) * cosine
+        loss, logs = vecset_vae_loss(model, torus_batch(4, 2048, 4096, g), cfg, generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    print(f"tiny trained {steps} steps in {time.perf_counter() - t0:.1f}s; last logs {logs}", flush=True)
+    return model.eval()
+
+
+def bench_decode_tiny(model: VecSetVAE, res: int) -> dict:
+    g = torch.Generator().manual_seed(1)
+    surface = torus_surface(4096, g)
+    with torch.no_grad():
+        from shapeflow.decode import encode_surface
+
+        z = encode_surface(model, surface)
+        fn = VecSetField(model, model.decode(z))
+        hier, sh = hierarchical_field(fn, res)
+        dense, sd = dense_field(fn, res)
+    known = ~np.isnan(hierarchical_field(fn, res, fill="nan")[0])
+    v_d, f_d = field_to_mesh(dense, sd)
+    v_h, f_h = field_to_mesh(hier, sh)
+    return dict(
+        model="tiny (trained on a torus)", resolution=res, levels=list(sh.levels),
+        dense_queries=sd.queries, hier_queries=sh.queries, query_ratio=sd.queries / sh.queries,
+        dense_s=sd.seconds, hier_s=sh.seconds, time_ratio=sd.seconds / sh.seconds,
+        max_abs_diff_evaluated=float(np.abs(hier[known] - dense[known]).max()),
+        chamfer_dense_vs_hier=chamfer(v_d, v_h), topology_dense=topology(v_d, f_d),
+        topology_hier=topology(v_h, f_h),
+        chamfer_vs_true_torus=chamfer(v_h, torus_surface(100_000, g)[:, :3].numpy()),
+        faces=len(f_h),
+    )
+
+
+def bench_decode_base(res: int, dense_chunks: int, chunk: int) -> dict:
+    torch.manual_seed(0)
+    model = VecSetVAE(from_preset("base")).eval()
+    torch.nn.init.normal_(model.geo_decoder.output_proj.weight, std=1.0 / math.sqrt(model.cfg.width))
+    with torch.no_grad():
+        tokens = model.decode(torch.randn(1, model.cfg.num_latents, model.cfg.latent_channels))
+    net = VecSetField(model, tokens)
+
+    def fn(p):
+        return torus_sdf(p) + 0.005 * net(p)
+
+    hier, sh = hierarchical_field(fn, res, chunk_size=chunk)
+    v_h, f_h = field_to_mesh(hier, sh)
+    # dense: time `dense_chunks` full chunks of the dense traversal, extrapolate to (res + 1)^3 nodes
+    calls = {"n": 0}
+
+    class _Stop(Exception):
+        pass
+
+    def counted(p):
+        if calls["n"] == dense_chunks:
+            raise _Stop
+        calls["n"] += 1
+        return fn(p)
+
+    t0 = time.perf_counter()
+    try:
+        dense_field(counted, res, chunk_size=chunk)
+    except _Stop:
+        pass
+    t_part = time.perf_counter() - t0
+    dense_q = (res + 1) ** 3
+    dense_s = t_part / (dense_chunks * chunk) * dense_q
+    return dict(
+        model="base (random init), field = torus_sdf + 0.005 * net", resolution=res, levels=list(sh.levels),
+        dense_queries=dense_q, hier_queries=sh.queries, query_ratio=dense_q / sh.queries,
+        hier_s=sh.seconds, dense_s_extrapolated=dense_s, dense_measured_queries=dense_chunks * chunk,
+        dense_measured_s=t_part, time_ratio=dense_s / sh.seconds, hier_queries_per_s=sh.queries / sh.seconds,
+        dense_queries_per_s=dense_chunks * chunk / t_part, topology_hier=topology(v_h, f_h),
+        chamfer_hier_vs_true_torus=chamfer(
+            v_h, torus_surface(100_000, torch.Generator().manual_seed(2))[:, :3].numpy()),
+    )
+
+
+def matmul_rate(n: int = 2048, reps: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def bench_train_base(batch: int, n_surface: int, n_query: int, steps: int) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    torch.manual_seed(0)
+    model = VecSetVAE(from_preset("base"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    data = torus_batch(batch, n_surface, n_query, g)
+    cfg = VecSetLossConfig()
+
+    def step():
+        loss, _ = vecset_vae_loss(model, data, cfg, generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    aten = torch.ops.aten
+    mapping = {
+        aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda go, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(go, q, k, v),
+    }
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        step()  # also the warm-up
+    flops = counter.get_total_flops()
+    # The machine is shared: measure the matmul rate right before and after every step and compare
+    # each step with the mean of its two neighbours.
+    rows = []
+    mm_prev = matmul_rate()
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        t = time.perf_counter() - t0
+        mm_next = matmul_rate()
+        mm = 0.5 * (mm_prev + mm_next)
+        rows.append(dict(step_s=t, achieved_gflops=flops / t / 1e9, matmul_gflops=mm,
+                         fraction=flops / t / 1e9 / mm))
+        mm_prev = mm_next
+    best = max(rows, key=lambda r: r["achieved_gflops"])
+    return dict(model="base", params=sum(p.numel() for p in model.parameters()), batch=batch,
+                surface_points=n_surface, query_points=n_query, num_latents=model.cfg.num_latents,
+                gflop_per_step=flops / 1e9, steps=rows,
+                median_fraction_of_matmul=statistics.median(r["fraction"] for r in rows),
+                best_step=best)
+
+
+def bench_tiny_recon(model: VecSetVAE, res: int, reps: int = 3) -> dict:
+    surface = torus_surface(4096, torch.Generator().manual_seed(3)).numpy()
+    out = {}
+    for strategy in ("hierarchical", "dense"):
+        times = []
+        for _ in range(reps if strategy == "hierarchical" else 1):
+            t0 = time.perf_counter()
+            v, f, stats = reconstruct_mesh(model, surface, res, strategy=strategy)
+            times.append(time.perf_counter() - t0)
+        out[strategy] = dict(total_s=statistics.median(times), all_s=times,
+                             encode_s=stats.extra["seconds_encode"], field_s=stats.seconds,
+                             mesh_s=stats.seconds_mesh, queries=stats.queries, faces=len(f))
+    return dict(model="tiny (trained on a torus)", resolution=res, surface_points=len(surface), **out)
+
+
+def bench_mem_child(res: int, chunks: int, chunk: int, strategy: str) -> dict:
+    """Run in a fresh process: RSS after building base, then peak RSS during a chunked decode
+    (dense: the first ``chunks`` chunks, memory is at steady state after the first; hierarchical: in full,
+    on the torus + net field of the decode benchmark)."""
+    torch.manual_seed(0)
+    model = VecSetVAE(from_preset("base")).eval()
+    with torch.no_grad():
+        tokens = model.decode(torch.randn(1, model.cfg.num_latents, model.cfg.latent_channels))
+    rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    net = VecSetField(model, tokens)
+    calls = {"n": 0}
+
+    class _Stop(Exception):
+        pass
+
+    def fn(p):
+        if calls["n"] == chunks:
+            raise _Stop
+        calls["n"] += 1
+        return net(p)
+
+    t0 = time.perf_counter()
+    if strategy == "hierarchical":
+        torch.nn.init.normal_(model.geo_decoder.output_proj.weight, std=1.0 / math.sqrt(model.cfg.width))
+        _, stats = hierarchical_field(lambda p: torus_sdf(p) + 0.005 * net(p), res, chunk_size=chunk)
+        chunks = math.ceil(stats.queries / chunk)
+    else:
+        try:
+            dense_field(fn, res, chunk_size=chunk)
+        except _Stop:
+            pass
+    return dict(model="base", strategy=strategy, resolution=res, chunk_size=chunk, chunks_run=chunks,
+                seconds=time.perf_counter() - t0,
+                params=sum(p.numel() for p in model.parameters()),
+                peak_rss_after_model_mb=rss_model,
+                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", default="all", choices=["all", "decode", "train", "tiny", "mem", "mem-child"])
+    ap.add_argument("--res", type=int, default=256)
+    ap.add_argument("--chunk", type=int, default=16384)
+    ap.add_argument("--dense-chunks", type=int, default=24)
+    ap.add_argument("--mem-chunks", type=int, default=6)
+    ap.add_argument("--mem-strategy", default="dense", choices=["dense", "hierarchical"])
+    ap.add_argument("--train-steps", type=int, default=400)
+    ap.add_argument("--train-batch", type=int, default=2)
+    ap.add_argument("--train-base-steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--tiny-cache", default=None,
+                    help="directory: reuse the trained tiny model saved there (trained and saved if absent)")
+    ap.add_argument("--out", default=None, help="append results as JSON lines to this file")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.part == "mem-child":
+        print(json.dumps(bench_mem_child(args.res, args.mem_chunks, args.chunk, args.mem_strategy)))
+        return
+    results = dict(torch=torch.__version__, threads=torch.get_num_threads(), load_start=load(),
+                   date=time.strftime("%Y-%m-%d %H:%M"))
+    print(f"load average at start: {results['load_start']}", flush=True)
+    if args.part in ("all", "mem"):
+        for strategy in ("dense", "hierarchical"):
+            child = subprocess.run([sys.executable, __file__, "--part", "mem-child", "--res", str(args.res),
+                                    "--mem-chunks", str(args.mem_chunks), "--chunk", str(args.chunk),
+                                    "--mem-strategy", strategy,
+                                    *(["--threads", str(args.threads)] if args.threads else [])],
+                                   capture_output=True, text=True, check=True)
+            results[f"mem_{strategy}"] = json.loads(child.stdout.strip().splitlines()[-1])
+            print(json.dumps(results[f"mem_{strategy}"]), flush=True)
+    if args.part in ("all", "train"):
+        results["train"] = bench_train_base(args.train_batch, 4096, 4096, steps=args.train_base_steps)
+        print(json.dumps(results["train"]), flush=True)
+    if args.part in ("all", "decode", "tiny"):
+        cache = args.tiny_cache and os.path.isfile(os.path.join(args.tiny_cache, "model.safetensors"))
+        if cache:
+            model = VecSetVAE.from_pretrained(args.tiny_cache).eval()
+        else:
+            model = train_tiny(args.train_steps)
+            if args.tiny_cache:
+                model.save_pretrained(args.tiny_cache)
+        results["tiny_model"] = dict(cached=bool(cache), train_steps=args.train_steps)
+        results["tiny"] = bench_tiny_recon(model, 128)
+        print(json.dumps(results["tiny"]), flush=True)
+        if args.part != "tiny":
+            results["decode_tiny"] = bench_decode_tiny(model, args.res)
+            print(json.dumps(results["decode_tiny"]), flush=True)
+    if args.part in ("all", "decode"):
+        results["decode_base"] = bench_decode_base(args.res, args.dense_chunks, args.chunk)
+        print(json.dumps(results["decode_base"]), flush=True)
+    results["load_end"] = load()
+    print(f"load average at end: {results['load_end']}", flush=True)
+    if args.out:
+        with open(args.out, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(results) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,405 @@
+"""VecSet VAE: a surface point cloud -> a set of latent tokens -> a neural signed-distance field.
+
+3DShape2VecSet (Zhang et al. 2023, arXiv 2301.11445) as scaled up by Michelangelo, Dora
+(arXiv 2412.17808) and Hunyuan3D-2/2.1 (arXiv 2501.12202). Layout of this file: config and presets
+-> query selection (FPS) -> encoder -> geometry decoder -> the VAE.
+
+Design choices
+--------------
+* **Point queries.** The latent tokens are the input points chosen by farthest point sampling
+  (``fpsample.bucket_fps_kdline_sampling``, CPU, after a random subsample to
+  ``num_latents * fps_ratio`` points as Hunyuan3D does with ``downsample_ratio``). Sharp-edge points
+  (flag column 6 of ``surface``) and uniform points get queries in proportion to their counts
+  (Hunyuan3D-2.1 ``PointCrossAttentionEncoder``). Because no weight depends on the token count,
+  ``encode(..., num_latents=...)`` can use a different count at inference (Dora).
+* **Encoder.** ``[Fourier(xyz), point features]`` through one shared ``input_proj`` for queries and
+  data, one Perceiver cross-attention (queries <- *all* input points), ``encoder_layers``
+  self-attention blocks, ``ln_post``, then ``pre_kl`` -> (mean, logvar) of a
+  :class:`~shapeflow.models.distributions.DiagonalGaussian` over ``(b, m, latent_channels)``.
+* **Decoder.** ``post_kl`` back to the width, ``decoder_layers`` self-attention blocks (no
+  positional encoding on latent tokens: the set is unordered), then the geometry decoder: Fourier
+  of the query xyz -> ``query_proj`` -> one cross-attention block to the tokens -> ``ln_post`` ->
+  ``output_proj`` -> one value per query. The token keys/values are projected once per shape and
+  queries are processed in chunks, so decoding memory is bounded.
+* **Output sign.** The output ``field`` is **negative inside** for every training variant, so
+  ``field < 0`` is occupancy and marching cubes at level 0 works unchanged:
+
+  - SDF variant: a (truncated, scaled) signed distance, negative inside
+    (:mod:`shapeflow.models.vecset_losses` says which scale);
+  - occupancy variant: the logit of P(outside), i.e. ``sigmoid(field) = P(outside)``.
+
+  Public checkpoints with positive-inside outputs (Hunyuan3D) are flipped at their loader.
+* Pre-norm blocks with qk-norm (LayerNorm over head channels, as Hunyuan3D) on PyTorch SDPA, so
+  flash / memory-efficient kernels are used automatically on GPUs. Optional activation checkpointing
+  of the block stacks (``model.grad_checkpointing = True``, the training engine's switch).
+* Every size-related number lives in :class:`VecSetVAEConfig`; ``PRESETS`` holds tiny / base / large
+  (large = Hunyuan3D-2.1 ShapeVAE, whose weights load through :meth:`VecSetVAE.from_pretrained`).
+
+Legend: b batch, n surface points, q query points, m latent tokens, c latent channels, w width,
+h heads, d head channels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import fpsample
+import numpy as np
+import torch
+from torch import nn
+
+from shapeflow.models.distributions import DiagonalGaussian
+from shapeflow.nn.blocks import BlockStack, CrossAttentionBlock, SelfAttentionBlock
+from shapeflow.nn.embeddings import FourierEmbedder
+
+# ----------------------------------------------------------------------------------------------
+# Config and presets
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VecSetVAEConfig:
+    """Architecture of a :class:`VecSetVAE` (defaults = the ``tiny`` preset)."""
+
+    num_latents: int = 128  # default token count for encode(); no weight depends on it
+    latent_channels: int = 16  # channels per latent token: the width the DiT diffuses in
+    width: int = 128  # transformer width of encoder, decoder and geometry decoder
+    heads: int = 4  # attention heads (head channels = width / heads)
+    encoder_layers: int = 2  # self-attention blocks after the Perceiver cross-attention
+    decoder_layers: int = 4  # self-attention blocks on the latent tokens before the geometry decoder
+    mlp_ratio: float = 4.0  # MLP hidden width / width in every block
+    num_freqs: int = 8  # Fourier octaves of xyz (2^0 .. 2^(num_freqs-1)); 8 -> 51 features
+    include_pi: bool = False  # multiply Fourier frequencies by pi (Hunyuan3D configs: False)
+    point_feats: int = 4  # per-point features after xyz: normal (3) + sharp-edge flag (1); 3 = normals only
+    qkv_bias: bool = False  # bias on q/k/v projections (Hunyuan3D: none)
+    qk_norm: str | None = "layer"  # "layer" (Hunyuan3D), "rms" or None: bounds attention logits in fp16/bf16
+    block_eps: float = 1e-6  # LayerNorm eps inside blocks and qk-norm (Hunyuan3D 1e-6)
+    ln_post_eps: float = 1e-5  # eps of both ln_post (Hunyuan3D: nn.LayerNorm's default)
+    geo_ln_post: bool = True  # LayerNorm before the output layer (Hunyuan3D, VecSetX)
+    fps_ratio: int = 4  # random subsample to num_latents * fps_ratio points before FPS (Hunyuan3D: 20)
+    init_scale: float = 0.25  # Linear weights ~ N(0, (init_scale / sqrt(width))^2) (Michelangelo, Dora)
+    latent_scale: float = 1.0  # the DiT sees z * latent_scale (Hunyuan3D scale_factor); set after training
+    decoder_only: bool = False  # no encoder / pre_kl (e.g. Hunyuan3D-2.0 released weights)
+
+    def __post_init__(self):
+        for name in ("num_latents", "latent_channels", "width", "heads", "fps_ratio"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"VecSetVAEConfig.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("encoder_layers", "decoder_layers", "num_freqs", "point_feats"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"VecSetVAEConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.width % self.heads:
+            raise ValueError(f"VecSetVAEConfig: width {self.width} is not divisible by heads {self.heads}")
+        if self.qk_norm not in (None, "layer", "rms"):
+            raise ValueError(f"VecSetVAEConfig.qk_norm must be 'layer', 'rms' or None, got {self.qk_norm!r}")
+
+    @property
+    def fourier_dim(self) -> int:
+        """Width of the Fourier features of xyz (51 for 8 frequencies)."""
+        return 3 * (2 * self.num_freqs + 1)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict] = {
+    # Trains on a 2-core CPU in minutes; encode + hierarchical 128^3 decode in ~2 s there (BENCHMARKS.md).
+    "tiny": dict(num_latents=128, latent_channels=16, width=128, heads=4, encoder_layers=2, decoder_layers=4),
+    # Dora-VAE widths and depths (width 768, 12 heads, 8 / 16 layers), 512 tokens x 32 channels
+    # (3DShape2VecSet token count; VecSetX shows 16-32 channels suffice and they are easier to diffuse).
+    "base": dict(num_latents=512, latent_channels=32, width=768, heads=12, encoder_layers=8,
+                 decoder_layers=16),
+    # Hunyuan3D-2.1 ShapeVAE (hunyuan3d-vae-v2-1): 4096 x 64 latents, width 1024, 16 heads, 8 / 16 layers.
+    "large": dict(num_latents=4096, latent_channels=64, width=1024, heads=16, encoder_layers=8,
+                  decoder_layers=16, fps_ratio=20),
+}
+
+
+def from_preset(name: str, **overrides) -> VecSetVAEConfig:
+    """The config of a named preset (``tiny``, ``base``, ``large``) with field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown VecSet VAE preset {name!r}; choose from {sorted(PRESETS)}")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(VecSetVAEConfig)}
+    if unknown:
+        raise ValueError(f"unknown VecSetVAEConfig field(s): {sorted(unknown)}")
+    return VecSetVAEConfig(**{**PRESETS[name], **overrides})
+
+
+# ----------------------------------------------------------------------------------------------
+# Query selection
+# ----------------------------------------------------------------------------------------------
+
+
+def _kdline_height(n: int) -> int:
+    """KD-tree height for fpsample's bucket FPS: 2^h <= n, about 3-7 as its docs recommend."""
+    return int(max(1, min(7, math.floor(math.log2(max(n, 2))) - 7)))
+
+
+def fps_indices(xyz: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Farthest point sampling of ``k`` of the ``(n, 3)`` points; random start point. Returns (k,) int64."""
+    n = len(xyz)
+    if k > n:
+        raise ValueError(f"cannot pick {k} farthest points from {n} points")
+    if k == n:
+        return np.arange(n, dtype=np.int64)
+    idx = fpsample.bucket_fps_kdline_sampling(np.ascontiguousarray(xyz, dtype=np.float32), k,
+                                              h=_kdline_height(n), start_idx=int(rng.integers(n)))
+    return idx.astype(np.int64)
+
+
+def select_query_indices(surface: np.ndarray, num_latents: int, *, fps_ratio: int,
+                         rng: np.random.Generator) -> np.ndarray:
+    """Indices of the surface points that become latent queries (Hunyuan3D-2.1 scheme).
+
+    Parameters
+    ----------
+    surface : (n, 3 + f) float
+      Points with features; if there are at least 7 columns, column 6 is the sharp-edge flag.
+    num_latents : number of queries ``m``.
+    fps_ratio : each group is randomly subsampled to ``m_group * fps_ratio`` points before FPS.
+
+    Returns
+    -------
+    idx : (m,) int64 indices into ``surface``; uniform-group queries first, then sharp ones.
+    """
+    n = len(surface)
+    if num_latents > n:
+        raise ValueError(f"num_latents={num_latents} exceeds the {n} input surface points")
+    sharp = surface[:, 6] > 0.5 if surface.shape[1] >= 7 else np.zeros(n, dtype=bool)
+    groups = [np.flatnonzero(~sharp), np.flatnonzero(sharp)]
+    m_sharp = int(round(num_latents * len(groups[1]) / n))
+    m_sharp = min(max(m_sharp, num_latents - len(groups[0])), len(groups[1]))
+    counts = [num_latents - m_sharp, m_sharp]
+    out = []
+    for members, m in zip(groups, counts):
+        if m == 0:
+            continue
+        subset = members
+        if len(members) > m * fps_ratio:
+            subset = rng.choice(members, m * fps_ratio, replace=False)
+        out.append(subset[fps_indices(surface[subset, :3], m, rng)])
+    return np.concatenate(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder and decoders
+# ----------------------------------------------------------------------------------------------
+
+
+def _block_kwargs(cfg: VecSetVAEConfig) -> dict:
+    return dict(heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm,
+                eps=cfg.block_eps)
+
+
+class VecSetEncoder(nn.Module):
+    """Points -> ``(b, m, width)`` token features: input_proj, Perceiver cross-attention, blocks, ln_post."""
+
+    def __init__(self, cfg: VecSetVAEConfig):
+        super().__init__()
+        self.input_proj = nn.Linear(cfg.fourier_dim + cfg.point_feats, cfg.width)
+        self.cross_attn = CrossAttentionBlock(cfg.width, **_block_kwargs(cfg))
+        self.blocks = BlockStack([SelfAttentionBlock(cfg.width, **_block_kwargs(cfg))
+                                  for _ in range(cfg.encoder_layers)])
+        self.ln_post = nn.LayerNorm(cfg.width, eps=cfg.ln_post_eps)
+
+    def forward(self, data: torch.Tensor, query_idx: torch.Tensor) -> torch.Tensor:
+        """data: (b, n, fourier + feats) embedded input points; query_idx: (b, m) -> (b, m, w)."""
+        x = self.input_proj(data)  # (b, n, w)
+        q = x.gather(1, query_idx[..., None].expand(-1, -1, x.shape[-1]))  # (b, m, w)
+        h = self.cross_attn(q, x)
+        return self.ln_post(self.blocks(h))
+
+
+class LatentDecoder(nn.Module):
+    """Self-attention blocks over the (up-projected) latent tokens."""
+
+    def __init__(self, cfg: VecSetVAEConfig):
+        super().__init__()
+        self.blocks = BlockStack([SelfAttentionBlock(cfg.width, **_block_kwargs(cfg))
+                                  for _ in range(cfg.decoder_layers)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
+class GeometryDecoder(nn.Module):
+    """Query points + tokens -> one field value per point (cross-attention decoder)."""
+
+    def __init__(self, cfg: VecSetVAEConfig):
+        super().__init__()
+        self.query_proj = nn.Linear(cfg.fourier_dim, cfg.width)
+        self.cross_attn = CrossAttentionBlock(cfg.width, **_block_kwargs(cfg))
+        self.ln_post = nn.LayerNorm(cfg.width, eps=cfg.ln_post_eps) if cfg.geo_ln_post else nn.Identity()
+        self.output_proj = nn.Linear(cfg.width, 1)
+
+    def forward(self, feats: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], *, topk: int | None = None,
+                topk_stride: int = 16) -> torch.Tensor:
+        """feats: (b, q, fourier) Fourier features of queries; kv: ``cross_attn.context_kv``. -> (b, q)."""
+        x = self.query_proj(feats)  # (b, q, w)
+        x = self.cross_attn(x, kv=kv, topk=topk, topk_stride=topk_stride)
+        return self.output_proj(self.ln_post(x)).squeeze(-1)  # (b, q)
+
+
+# ----------------------------------------------------------------------------------------------
+# The VAE
+# ----------------------------------------------------------------------------------------------
+
+
+class VecSetVAE(nn.Module):
+    """VecSet VAE. See the module docstring for the architecture and the output sign (negative inside).
+
+    Typical use::
+
+        vae = VecSetVAE(from_preset("tiny"))
+        posterior = vae.encode(surface)          # surface: (b, n, 3 + point_feats)
+        z = posterior.mode()                     # (b, m, c); the DiT sees z * cfg.latent_scale
+        field = vae.query(points, vae.decode(z)) # (b, q), < 0 inside
+    """
+
+    def __init__(self, cfg: VecSetVAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.fourier = FourierEmbedder(cfg.num_freqs, include_input=True, include_pi=cfg.include_pi)
+        if not cfg.decoder_only:
+            self.encoder = VecSetEncoder(cfg)
+            self.pre_kl = nn.Linear(cfg.width, 2 * cfg.latent_channels)
+        self.post_kl = nn.Linear(cfg.latent_channels, cfg.width)
+        self.decoder = LatentDecoder(cfg)
+        self.geo_decoder = GeometryDecoder(cfg)
+        self.init_weights()
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        """Activation checkpointing of every transformer block stack (set by the training engine)."""
+        return any(m.gradient_checkpointing for m in self.modules() if isinstance(m, BlockStack))
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, value: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, BlockStack):
+                m.gradient_checkpointing = bool(value)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every tensor.
+
+        * every ``nn.Linear`` weight (projections, q/k/v, attention outputs, MLPs, ``pre_kl``, ``post_kl``,
+          ``query_proj``): ``N(0, s^2)`` with ``s = init_scale / sqrt(width)`` (Michelangelo / Hunyuan3D /
+          Dora ``init_linear``); every Linear bias: 0;
+        * ``geo_decoder.output_proj`` weight and bias: 0, so an untrained model predicts exactly 0 and the
+          first steps are not dominated by a random field (VecSetX zero-initialised output layer);
+        * every LayerNorm (blocks, qk-norm, ``ln_post``) weight 1, bias 0; RMS qk-norm gains 1.
+        """
+        std = self.cfg.init_scale / math.sqrt(self.cfg.width)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif hasattr(module, "gamma") and isinstance(module.gamma, nn.Parameter):
+                nn.init.ones_(module.gamma)
+        nn.init.zeros_(self.geo_decoder.output_proj.weight)
+        nn.init.zeros_(self.geo_decoder.output_proj.bias)
+
+    # -- encoding --------------------------------------------------------------------------------
+
+    def select_queries(self, surface: torch.Tensor, num_latents: int | None = None, *,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """FPS query indices per shape: surface (b, n, >= 3) -> (b, m) int64 on ``surface.device``.
+
+        Randomness (subsample and FPS start) comes from ``generator`` or torch's global RNG.
+        """
+        m = self.cfg.num_latents if num_latents is None else int(num_latents)
+        pts = surface.detach().to("cpu", torch.float32).numpy()
+        dev = generator.device if generator is not None else "cpu"
+        seeds = torch.randint(0, 2**62, (len(pts),), generator=generator, device=dev).tolist()
+        idx = [select_query_indices(p, m, fps_ratio=self.cfg.fps_ratio, rng=np.random.default_rng(s))
+               for p, s in zip(pts, seeds)]
+        return torch.from_numpy(np.stack(idx)).to(surface.device)  # (b, m)
+
+    def embed_surface(self, surface: torch.Tensor) -> torch.Tensor:
+        """(b, n, 3 + f) surface -> (b, n, fourier_dim + point_feats): ``[Fourier(xyz), features]``."""
+        need = 3 + self.cfg.point_feats
+        if surface.ndim != 3 or surface.shape[-1] < need:
+            raise ValueError(f"surface must be (b, n, >= {need}) [xyz, {self.cfg.point_feats} features], "
+                             f"got {tuple(surface.shape)}")
+        return torch.cat([self.fourier(surface[..., :3]), surface[..., 3:need]], dim=-1)
+
+    def encode(self, surface: torch.Tensor, *, num_latents: int | None = None,
+               query_idx: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> DiagonalGaussian:
+        """Surface points -> posterior over latents ``(b, m, latent_channels)``.
+
+        Parameters
+        ----------
+        surface : (b, n, 3 + point_feats) float
+          ``[xyz, normal, sharp flag]`` in the canonical frame (extra trailing columns are ignored).
+        num_latents : token count ``m`` (default ``cfg.num_latents``); may differ from training.
+        query_idx : (b, m) int64, optional
+          Precomputed query indices into ``surface`` (skips FPS; makes encoding deterministic).
+        generator : RNG for the random subsample and FPS start.
+        """
+        if self.cfg.decoder_only:
+            raise RuntimeError("this VecSetVAE is decoder-only (e.g. Hunyuan3D-2.0 weights): "
+                               "it has no encoder")
+        data = self.embed_surface(surface)  # (b, n, fourier + f)
+        if query_idx is None:
+            query_idx = self.select_queries(surface, num_latents, generator=generator)
+        h = self.encoder(data, query_idx.to(surface.device))  # (b, m, w)
+        return DiagonalGaussian.from_moments(self.pre_kl(h), dim=-1)
+
+    # -- decoding --------------------------------------------------------------------------------
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (b, m, c) (VAE space, i.e. *not* multiplied by latent_scale) -> tokens (b, m, w)."""
+        return self.decoder(self.post_kl(z))
+
+    def query(self, points: torch.Tensor, tokens: torch.Tensor, *, chunk_size: int | None = None,
+              topk: int | None = None, topk_stride: int = 16) -> torch.Tensor:
+        """Field values at query points: points (b, q, 3), tokens (b, m, w) -> (b, q), negative inside.
+
+        The token keys/values are projected once; queries run in chunks of ``chunk_size`` (all at once
+        when ``None``). ``topk`` enables FlashVDM adaptive KV selection per chunk (decoding only).
+        """
+        kv = self.geo_decoder.cross_attn.context_kv(tokens)
+        q = points.shape[1]
+        step = q if chunk_size is None else max(1, int(chunk_size))
+        outs = [self.geo_decoder(self.fourier(points[:, i:i + step]), kv, topk=topk, topk_stride=topk_stride)
+                for i in range(0, max(q, 1), step)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def forward(self, surface: torch.Tensor, points: torch.Tensor, *, sample_posterior: bool = True,
+                num_latents: int | None = None, query_idx: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> dict:
+        """Encode ``surface`` (b, n, 3 + f), decode, and evaluate the field at ``points`` (b, q, 3).
+
+        Returns ``dict(field=(b, q) negative inside, posterior=DiagonalGaussian, latents=(b, m, c))``.
+        """
+        posterior = self.encode(surface, num_latents=num_latents, query_idx=query_idx, generator=generator)
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        field = self.query(points, self.decode(z))
+        return dict(field=field, posterior=posterior, latents=z)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, *, ema: bool = False, **overrides) -> "VecSetVAE":
+        """Load a shapeflow checkpoint directory or a Hunyuan3D ShapeVAE file.
+
+        See :func:`shapeflow.models.pretrained.load_vecset_vae` (strict: missing or unexpected keys
+        raise an error listing them).
+        """
+        from shapeflow.models.pretrained import load_vecset_vae
+
+        return load_vecset_vae(path, ema=ema, **overrides)
+
+    def save_pretrained(self, directory) -> None:
+        """Write ``directory/config.json`` + ``directory/model.safetensors`` (atomic)."""
+        from shapeflow.models.pretrained import save_vecset_vae
+
+        save_vecset_vae(self, directory)

@@ -1,0 +1,169 @@
+"""Volume decoding: dense vs hierarchical (coarse-to-fine) on analytic fields and on a tiny VecSet VAE."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+from scipy.spatial import cKDTree
+
+from shapeflow.decode import (
+    VecSetField,
+    decode_field,
+    dense_field,
+    hierarchical_field,
+    latents_to_field,
+    latents_to_mesh,
+    resolution_chain,
+)
+from shapeflow.geometry import grid
+from shapeflow.geometry.marching_cubes import marching_cubes
+from shapeflow.models.vecset_vae import VecSetVAE, from_preset
+from shapeflow.nn.blocks import select_topk_kv
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from a second thread; on a shared 2-core machine the OpenMP barriers
+    of two threads made small ops many times slower. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def torus(p: torch.Tensor) -> torch.Tensor:
+    """Exact SDF of a torus (R 0.5, r 0.2) around z, negative inside."""
+    q = torch.stack([torch.sqrt(p[:, 0] ** 2 + p[:, 1] ** 2) - 0.5, p[:, 2]], dim=-1)
+    return q.norm(dim=-1) - 0.2
+
+
+def two_spheres(p: torch.Tensor) -> torch.Tensor:
+    a = (p - torch.tensor([0.45, 0.0, 0.0])).norm(dim=-1) - 0.35
+    b = (p + torch.tensor([0.45, 0.1, 0.0])).norm(dim=-1) - 0.25
+    return torch.minimum(a, b)
+
+
+def chamfer(a: np.ndarray, b: np.ndarray) -> float:
+    return 0.5 * (cKDTree(b).query(a)[0].mean() + cKDTree(a).query(b)[0].mean())
+
+
+def topology(v: np.ndarray, f: np.ndarray) -> tuple[int, int]:
+    mesh = trimesh.Trimesh(v, f, process=True)
+    return mesh.euler_number, len(mesh.split(only_watertight=False))
+
+
+def test_resolution_chain():
+    assert resolution_chain(256) == [64, 128, 256]
+    assert resolution_chain(384, 63) == [96, 192, 384]
+    assert resolution_chain(128, 32) == [32, 64, 128]
+    assert resolution_chain(100, 32) == [50, 100]
+    assert resolution_chain(33, 8) == [33]
+
+
+def test_dense_field_is_on_the_node_grid():
+    field, stats = dense_field(lambda p: p[:, 0] + 10 * p[:, 1] + 100 * p[:, 2], 8, chunk_size=100)
+    pts = grid.node_points(8).reshape(9, 9, 9, 3)
+    np.testing.assert_array_equal(field, pts[..., 0] + 10 * pts[..., 1] + 100 * pts[..., 2])
+    assert stats.queries == 9**3 == stats.dense_queries
+
+
+@pytest.mark.parametrize("fn, euler, parts", [(torus, 0, 1), (two_spheres, 4, 2)])
+def test_hierarchical_equals_dense_on_analytic_fields(fn, euler, parts):
+    res = 96
+    dense, sd = dense_field(fn, res, chunk_size=50_000)
+    hier, sh = hierarchical_field(fn, res, min_resolution=24, chunk_size=50_000)
+    nan, _ = hierarchical_field(fn, res, min_resolution=24, chunk_size=50_000, fill="nan")
+    known = ~np.isnan(nan)
+    assert sh.levels == (24, 48, 96)
+    # every evaluated node has the dense value (PyTorch kernels are not bitwise batch-invariant: a
+    # point can differ in the last ulp depending on the chunk it is evaluated in)
+    np.testing.assert_allclose(hier[known], dense[known], rtol=0, atol=1e-6)
+    assert np.array_equal(hier < 0, dense < 0)  # unevaluated nodes keep the right side
+    assert sd.queries / sh.queries > 4, f"query reduction {sd.queries / sh.queries:.1f}x"
+    v_d, f_d = marching_cubes(dense)
+    for field in (hier, nan):
+        v_h, f_h = marching_cubes(field)
+        assert chamfer(v_d, v_h) <= 1e-4
+        assert topology(v_h, f_h) == topology(v_d, f_d) == (euler, parts)
+
+
+def test_band_and_dilation_refine_more():
+    _, s0 = hierarchical_field(torus, 64, min_resolution=16, dilation=0, final_dilation=0)
+    _, s1 = hierarchical_field(torus, 64, min_resolution=16, dilation=2, final_dilation=1)
+    _, s2 = hierarchical_field(torus, 64, min_resolution=16, dilation=2, final_dilation=1, band=0.1)
+    assert s0.queries < s1.queries < s2.queries < s1.dense_queries
+
+
+def test_decode_field_rejects_unknown_strategy():
+    with pytest.raises(ValueError, match="unknown decoding strategy"):
+        decode_field(torus, 8, strategy="octree")
+
+
+@pytest.fixture(scope="module")
+def tiny_vae():
+    torch.manual_seed(0)
+    model = VecSetVAE(from_preset("tiny", num_latents=32, latent_channels=8, width=32, heads=2,
+                                  encoder_layers=1, decoder_layers=1)).eval()
+    torch.nn.init.normal_(model.geo_decoder.output_proj.weight, std=0.05)
+    return model
+
+
+def test_hierarchical_equals_dense_through_a_tiny_vae(tiny_vae):
+    """A sphere SDF plus the (random) network's output: the network path must give the same values
+    whatever chunk a node is evaluated in, and the meshes must agree."""
+    with torch.no_grad():
+        tokens = tiny_vae.decode(torch.randn(1, 32, 8, generator=torch.Generator().manual_seed(0)))
+    net = VecSetField(tiny_vae, tokens)
+
+    def fn(p):
+        return p.norm(dim=-1) - 0.6 + 0.05 * net(p)
+
+    dense, sd = dense_field(fn, 64, chunk_size=8192)
+    nan, sh = hierarchical_field(fn, 64, min_resolution=16, chunk_size=8192, fill="nan")
+    known = ~np.isnan(nan)
+    np.testing.assert_allclose(nan[known], dense[known], rtol=0, atol=1e-6)
+    v_d, f_d = marching_cubes(dense)
+    v_h, f_h = marching_cubes(nan)
+    assert chamfer(v_d, v_h) <= 1e-4
+    assert topology(v_h, f_h) == topology(v_d, f_d)
+    assert sd.queries / sh.queries > 3, f"query reduction {sd.queries / sh.queries:.1f}x"
+
+
+def test_latents_to_mesh_end_to_end(tiny_vae):
+    z = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+    # shift the output so the random field has a bounded surface: field = net - c
+    model = tiny_vae
+    with torch.no_grad():
+        field, _ = latents_to_field(model, z, 32, strategy="dense")
+        old = model.geo_decoder.output_proj.bias.clone()
+        model.geo_decoder.output_proj.bias -= float(np.median(field))
+    try:
+        v, f, stats = latents_to_mesh(model, z, 32, strategy="hierarchical", min_resolution=16)
+    finally:
+        with torch.no_grad():
+            model.geo_decoder.output_proj.bias.copy_(old)
+    assert len(f) > 0 and v.shape[1] == 3 and np.abs(v).max() <= 1.0 + 2.0 / 32
+    assert stats.levels == (16, 32) and stats.queries < stats.dense_queries and stats.seconds_mesh > 0
+    assert model.training is False
+
+
+def test_topk_selection_and_region_bucketing(tiny_vae):
+    # select_topk_kv keeps the keys with the largest mean q.k (per head)
+    q = torch.zeros(1, 1, 4, 2)
+    q[..., 0] = 1.0
+    k = torch.tensor([[[[0.1, 0.0], [3.0, 0.0], [-1.0, 0.0], [2.0, 5.0]]]])
+    v = torch.arange(4.0).view(1, 1, 4, 1).expand(1, 1, 4, 2)
+    ks, vs = select_topk_kv(q, k, v, 2, stride=1)
+    assert sorted(vs[0, 0, :, 0].tolist()) == [1.0, 3.0]
+    # with topk = all tokens the bucketed path must return the plain values in the original order
+    with torch.no_grad():
+        tokens = tiny_vae.decode(torch.randn(1, 32, 8, generator=torch.Generator().manual_seed(2)))
+    pts = torch.rand(3000, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    plain = VecSetField(tiny_vae, tokens)(pts)
+    bucketed = VecSetField(tiny_vae, tokens, topk=32, regions=3)(pts)
+    torch.testing.assert_close(bucketed, plain, rtol=0, atol=1e-6)
+    approx = VecSetField(tiny_vae, tokens, topk=16, regions=2, topk_stride=4)(pts)
+    assert approx.shape == plain.shape and torch.isfinite(approx).all()
+    assert not torch.equal(approx, plain)

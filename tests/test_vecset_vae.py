@@ -1,0 +1,603 @@
+"""VecSet VAE: embedding, shapes, gradients, KL, overfitting, checkpoints and the Hunyuan3D mapping."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shapeflow.models.distributions import DiagonalGaussian
+from shapeflow.models.pretrained import load_vecset_vae, vecset_config_from_dict
+from shapeflow.models.pretrained.hunyuan_vae import (
+    convert_hunyuan_state_dict,
+    hunyuan_config,
+    interleaved_to_blocked,
+    load_hunyuan_vae,
+)
+from shapeflow.models.vecset_losses import VecSetLossConfig, field_target, vecset_vae_loss
+from shapeflow.models.vecset_vae import (
+    PRESETS,
+    VecSetVAE,
+    VecSetVAEConfig,
+    fps_indices,
+    from_preset,
+    select_query_indices,
+)
+from shapeflow.nn.embeddings import FourierEmbedder
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tiny models gain nothing from a second thread, and on a shared 2-core machine OpenMP
+    barriers with a busy sibling core made a training step 50x slower (measured). Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+TINY = dict(num_latents=16, latent_channels=4, width=32, heads=2, encoder_layers=1, decoder_layers=1)
+
+
+def tiny_model(seed: int = 0, **overrides) -> VecSetVAE:
+    torch.manual_seed(seed)
+    return VecSetVAE(from_preset("tiny", **{**TINY, **overrides}))
+
+
+def sphere_batch(b: int = 2, n: int = 256, q: int = 200, radius: float = 0.6, seed: int = 0) -> dict:
+    """Surface samples of a sphere ([xyz, normal, sharp flag]) and labelled query points."""
+    g = torch.Generator().manual_seed(seed)
+    d = F.normalize(torch.randn(b, n, 3, generator=g), dim=-1)
+    sharp = (torch.rand(b, n, 1, generator=g) < 0.25).float()
+    surface = torch.cat([d * radius, d, sharp], dim=-1)  # (b, n, 7)
+    uni = torch.rand(b, q // 2, 3, generator=g) * 2 - 1
+    dn = F.normalize(torch.randn(b, q - q // 2, 3, generator=g), dim=-1)
+    near = dn * (radius + 0.02 * torch.randn(b, q - q // 2, 1, generator=g))
+    points = torch.cat([uni, near], dim=1)
+    sdf = points.norm(dim=-1) - radius
+    groups = torch.cat([torch.zeros(b, q // 2), torch.ones(b, q - q // 2)], dim=1).to(torch.uint8)
+    return dict(surface=surface, points=points, sdf=sdf, groups=groups)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding, config
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fourier_embedding_formula_and_order():
+    x = torch.tensor([[0.1, -0.2, 0.3], [0.7, 0.0, -0.9]])
+    emb = FourierEmbedder(8)
+    out = emb(x)
+    assert emb.out_dim == 51 and out.shape == (2, 51)
+    for r in range(2):
+        prods = [x[r, i].item() * 2.0 ** k for i in range(3) for k in range(8)]  # input-dim major
+        expected = [*x[r].tolist(), *map(math.sin, prods), *map(math.cos, prods)]
+        np.testing.assert_allclose(out[r].numpy(), expected, rtol=1e-6, atol=1e-6)
+    with_pi = FourierEmbedder(2, include_pi=True)(x[:1])
+    np.testing.assert_allclose(with_pi[0, 3].item(), math.sin(0.1 * math.pi), rtol=1e-6)
+    assert FourierEmbedder(4, include_input=False)(x).shape == (2, 24)
+    assert "frequencies" not in emb.state_dict()
+
+
+def test_presets_and_config_validation():
+    large = from_preset("large")
+    assert (large.num_latents, large.latent_channels, large.width, large.heads) == (4096, 64, 1024, 16)
+    assert (large.encoder_layers, large.decoder_layers) == (8, 16)
+    assert (large.fourier_dim, large.point_feats) == (51, 4)
+    assert large.qk_norm == "layer" and not large.qkv_bias and not large.include_pi
+    assert set(PRESETS) == {"tiny", "base", "large"}
+    with pytest.raises(ValueError, match="not divisible"):
+        VecSetVAEConfig(width=30, heads=4)
+    with pytest.raises(ValueError, match="unknown VecSetVAEConfig field"):
+        from_preset("tiny", widht=64)
+    with pytest.raises(ValueError, match="unknown VecSet VAE preset"):
+        from_preset("huge")
+
+
+# ---------------------------------------------------------------------------------------------
+# Query selection
+# ---------------------------------------------------------------------------------------------
+
+
+def test_query_selection_is_fps_and_splits_sharp_points_proportionally():
+    rng = np.random.default_rng(0)
+    n = 400
+    pts = rng.normal(size=(n, 7)).astype(np.float32)
+    pts[:, 6] = 0.0
+    pts[300:, 6] = 1.0  # a quarter of the points are sharp
+    idx = select_query_indices(pts, 16, fps_ratio=4, rng=np.random.default_rng(1))
+    assert len(idx) == 16 and len(set(idx.tolist())) == 16
+    assert (pts[idx, 6] > 0.5).sum() == 4
+    # FPS spreads queries: two far clusters, two queries -> one in each.
+    two = np.concatenate([rng.normal(size=(50, 3)) * 0.01, rng.normal(size=(50, 3)) * 0.01 + 5.0])
+    pick = fps_indices(two, 2, np.random.default_rng(0))
+    assert {int(p) // 50 for p in pick} == {0, 1}
+    with pytest.raises(ValueError, match="exceeds"):
+        select_query_indices(pts, n + 1, fps_ratio=4, rng=np.random.default_rng(0))
+
+
+def test_query_selection_is_seeded():
+    m, batch = tiny_model(), sphere_batch()
+    a = m.select_queries(batch["surface"], generator=torch.Generator().manual_seed(3))
+    b = m.select_queries(batch["surface"], generator=torch.Generator().manual_seed(3))
+    assert a.shape == (2, 16) and torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward shapes, gradients, KL
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_shapes_through_every_stage_and_token_count_at_inference():
+    m, batch = tiny_model().eval(), sphere_batch()
+    post = m.encode(batch["surface"])
+    assert post.mean.shape == post.logvar.shape == (2, 16, 4)
+    z = post.sample(torch.Generator().manual_seed(0))
+    tokens = m.decode(z)
+    assert tokens.shape == (2, 16, 32)
+    field = m.query(batch["points"], tokens)
+    assert field.shape == (2, 200)
+    out = m(batch["surface"], batch["points"])
+    assert out["field"].shape == (2, 200) and out["latents"].shape == (2, 16, 4)
+    # a different token count at inference (no weight depends on it)
+    post40 = m.encode(batch["surface"], num_latents=40)
+    assert post40.mean.shape == (2, 40, 4)
+    assert m.query(batch["points"], m.decode(post40.mode())).shape == (2, 200)
+    # chunked querying equals one pass
+    torch.nn.init.normal_(m.geo_decoder.output_proj.weight)
+    full = m.query(batch["points"], tokens)
+    chunked = m.query(batch["points"], tokens, chunk_size=37)
+    np.testing.assert_allclose(chunked.numpy(), full.numpy(), atol=1e-5)
+    # batch of one equals the batched result
+    one = m.query(batch["points"][1:], tokens[1:])
+    np.testing.assert_allclose(one.numpy(), full[1:].numpy(), atol=1e-5)
+
+
+def test_untrained_model_predicts_exactly_zero():
+    m, batch = tiny_model(), sphere_batch()
+    assert torch.count_nonzero(m(batch["surface"], batch["points"])["field"]) == 0
+
+
+def test_bad_surface_shape_is_a_clear_error():
+    m = tiny_model()
+    with pytest.raises(ValueError, match=r"surface must be \(b, n, >= 7\)"):
+        m.encode(torch.zeros(1, 64, 6))
+
+
+@pytest.mark.parametrize("extra", [{}, dict(eikonal_weight=0.1, surface_weight=1.0, normal_weight=0.5,
+                                            surface_samples=64)])
+def test_finite_gradients_on_every_parameter(extra):
+    m, batch = tiny_model(), sphere_batch()
+    torch.nn.init.normal_(m.geo_decoder.output_proj.weight, std=0.1)  # zero init would block upstream grads
+    gen = torch.Generator().manual_seed(0)
+    loss, logs = vecset_vae_loss(m, batch, VecSetLossConfig(**extra), generator=gen)
+    loss.backward()
+    assert set(logs) >= {"loss", "recon", "kl", "sign_acc", "recon_uniform", "recon_near_fine"}
+    assert all(isinstance(v, float) and math.isfinite(v) for v in logs.values())
+    for name, p in m.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        # a constant shift of every key leaves softmax unchanged: k_norm.bias has an exactly-zero gradient
+        if not name.endswith("k_norm.bias"):
+            assert p.grad.abs().sum() > 0, name
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    batch = sphere_batch()
+    grads = []
+    for ckpt in (False, True):
+        m = tiny_model()
+        m.grad_checkpointing = ckpt  # the training engine's switch
+        assert m.grad_checkpointing == ckpt and m.decoder.blocks.gradient_checkpointing == ckpt
+        torch.nn.init.normal_(m.geo_decoder.output_proj.weight, std=0.1)
+        calls = []
+        m.decoder.blocks[0].register_forward_pre_hook(lambda *a: calls.append(1))
+        out = m(batch["surface"], batch["points"], query_idx=torch.arange(16).expand(2, 16),
+                generator=torch.Generator().manual_seed(0))
+        out["field"].square().mean().backward()
+        assert len(calls) == (2 if ckpt else 1)  # checkpointing recomputes the block in backward
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+def test_kl_matches_closed_form_and_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    mean, logvar = torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 4, generator=g)
+    kl = DiagonalGaussian(mean, logvar).kl()
+    assert kl.shape == (3,)
+    var = logvar.exp()
+    closed = 0.5 * (mean**2 + var - 1.0 - logvar)  # KL(N(mu, var) || N(0, 1)) per element
+    torch.testing.assert_close(kl, closed.flatten(1).mean(1))
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(mean, var.sqrt()),
+                                            torch.distributions.Normal(0.0, 1.0))
+    torch.testing.assert_close(kl, ref.flatten(1).mean(1))
+    # standard normal posterior: zero divergence; a shifted mean: mu^2 / 2
+    assert DiagonalGaussian(torch.zeros(2, 3), torch.zeros(2, 3)).kl().abs().max() == 0
+    shifted = DiagonalGaussian(torch.full((1, 4), 2.0), torch.zeros(1, 4))
+    torch.testing.assert_close(shifted.kl(), torch.tensor([2.0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss conventions (with a stand-in model whose field is known)
+# ---------------------------------------------------------------------------------------------
+
+
+class _AnalyticVAE(torch.nn.Module):
+    """Stand-in with the VecSetVAE interface whose field is a given function of the query points."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+        self.dummy = torch.nn.Parameter(torch.zeros(1, 1, 2))
+
+    def forward(self, surface, points, sample_posterior=True, num_latents=None, generator=None):
+        b = surface.shape[0]
+        posterior = DiagonalGaussian(self.dummy.expand(b, 4, 2), torch.zeros(b, 4, 2))
+        field = self.fn(points) + 0.0 * self.dummy.sum()
+        return dict(field=field, posterior=posterior, latents=posterior.mode())
+
+
+def test_loss_is_zero_for_the_exact_field_in_each_convention():
+    batch, r = sphere_batch(q=400), 0.6
+    tau = 0.015
+    sdf_model = _AnalyticVAE(lambda p: ((p.norm(dim=-1) - r).clamp(-tau, tau) / tau))
+    cfg = VecSetLossConfig(truncation=tau, eikonal_weight=1.0, normal_weight=1.0, surface_weight=1.0,
+                           surface_samples=64, sample_posterior=False)
+    loss, logs = vecset_vae_loss(sdf_model, batch, cfg)
+    assert logs["recon"] < 1e-10 and logs["sign_acc"] == 1.0
+    assert logs["normal"] < 1e-6 and logs["surface"] < 1e-5 and logs["eikonal"] < 1e-6
+    # the wrong sign (positive inside) is heavily penalised
+    flipped = _AnalyticVAE(lambda p: -((p.norm(dim=-1) - r).clamp(-tau, tau) / tau))
+    _, bad = vecset_vae_loss(flipped, batch, cfg)
+    assert bad["recon"] > 1.0 and bad["sign_acc"] < 0.05 and bad["normal"] > 1.9
+    # occupancy variant: the field is the logit of P(outside), negative inside
+    occ = _AnalyticVAE(lambda p: 1000.0 * (p.norm(dim=-1) - r))
+    _, logs = vecset_vae_loss(occ, batch, VecSetLossConfig(kind="occupancy", sample_posterior=False))
+    assert logs["sign_acc"] == 1.0 and logs["recon_uniform"] < 1e-2
+    assert torch.equal(field_target(torch.tensor([-0.1, 0.2]), VecSetLossConfig(kind="occupancy")),
+                       torch.tensor([0.0, 1.0]))
+    np.testing.assert_allclose(field_target(torch.tensor([-0.1, 0.003, 0.2]), VecSetLossConfig()).numpy(),
+                               [-1.0, 0.2, 1.0], rtol=1e-6)
+
+
+def test_group_weights_and_kl_weight_enter_the_total():
+    batch = sphere_batch()
+    model = _AnalyticVAE(lambda p: torch.zeros_like(p[..., 0]))
+    cfg = VecSetLossConfig(group_weights=(1.0, 3.0, 5.0), kl_weight=0.5, sample_posterior=False)
+    loss, logs = vecset_vae_loss(model, batch, cfg)
+    expected = logs["recon_uniform"] + 3 * logs["recon_near_fine"] + 5 * logs["recon_near_coarse"]
+    assert logs["recon"] == pytest.approx(expected, rel=1e-6)
+    assert logs["loss"] == pytest.approx(logs["recon"] + 0.5 * logs["kl"], rel=1e-6)
+    with pytest.raises(ValueError, match="eikonal"):
+        VecSetLossConfig(kind="occupancy", eikonal_weight=1.0)
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    m = VecSetVAE(from_preset("tiny", num_latents=16, latent_channels=8, width=32, heads=2,
+                              encoder_layers=1, decoder_layers=1))
+    batch = sphere_batch(b=2, n=256, q=256)
+    cfg = VecSetLossConfig(sample_posterior=False, truncation=0.1)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    qidx = m.select_queries(batch["surface"], generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(60):
+        out = m(batch["surface"], batch["points"], query_idx=qidx, sample_posterior=False)
+        loss = (out["field"] - field_target(batch["sdf"], cfg)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.05 * losses[0], (losses[0], losses[-1])  # measured: about 0.004x in 60 steps
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_save_load_identical_outputs(tmp_path):
+    m, batch = tiny_model().eval(), sphere_batch()
+    torch.nn.init.normal_(m.geo_decoder.output_proj.weight)
+    m.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    m2 = VecSetVAE.from_pretrained(tmp_path / "ckpt").eval()
+    assert m2.cfg == m.cfg
+    qidx = torch.arange(16).expand(2, 16)
+    a = m(batch["surface"], batch["points"], query_idx=qidx, sample_posterior=False)["field"]
+    b = m2(batch["surface"], batch["points"], query_idx=qidx, sample_posterior=False)["field"]
+    assert torch.equal(a, b)
+    # the training engine's layout: the model config under "model" of a resolved experiment config
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())["model"]
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"model": cfg, "train": {"lr": 1e-4}}))
+    weights = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
+    (tmp_path / "ckpt" / "ema.safetensors").write_bytes(weights)
+    m3 = load_vecset_vae(tmp_path / "ckpt", ema=True, num_latents=24).eval()
+    assert m3.cfg.num_latents == 24
+    c = m3(batch["surface"], batch["points"], query_idx=qidx, sample_posterior=False)["field"]
+    assert torch.equal(a, c)
+
+
+def _save_state_dict(path, sd, cfg=None):
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path / "model.safetensors"))
+    if cfg is not None:
+        (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_missing_extra_or_renamed_keys_raise_listing_them(tmp_path):
+    m = tiny_model()
+    sd, cfg = m.state_dict(), {"model": m.cfg.to_dict()}
+    missing = {k: v for k, v in sd.items() if k != "decoder.blocks.0.ln_1.weight"}
+    _save_state_dict(tmp_path / "a", missing, cfg)
+    with pytest.raises(ValueError, match=r"missing keys \['decoder.blocks.0.ln_1.weight'\]"):
+        VecSetVAE.from_pretrained(tmp_path / "a")
+    extra = {**sd, "decoder.blocks.9.ln_1.weight": torch.ones(32)}
+    _save_state_dict(tmp_path / "b", extra, cfg)
+    with pytest.raises(ValueError, match=r"unexpected keys \['decoder.blocks.9.ln_1.weight'\]"):
+        VecSetVAE.from_pretrained(tmp_path / "b")
+    renamed = {("post_kl.w" if k == "post_kl.weight" else k): v for k, v in sd.items()}
+    _save_state_dict(tmp_path / "c", renamed, cfg)
+    with pytest.raises(ValueError, match=r"missing keys \['post_kl.weight'\]; "
+                                         r"unexpected keys \['post_kl.w'\]"):
+        VecSetVAE.from_pretrained(tmp_path / "c")
+    _save_state_dict(tmp_path / "d", sd, {"model": {**m.cfg.to_dict(), "width": 64}})
+    with pytest.raises(ValueError, match="shape mismatches"):
+        VecSetVAE.from_pretrained(tmp_path / "d")
+    _save_state_dict(tmp_path / "e", sd, {"model": {**m.cfg.to_dict(), "depth": 3}})
+    with pytest.raises(ValueError, match=r"unknown VecSetVAEConfig field\(s\) \['depth'\]"):
+        VecSetVAE.from_pretrained(tmp_path / "e")
+    _save_state_dict(tmp_path / "f", sd, {"model": {"kind": "grid_vae"}})
+    with pytest.raises(ValueError, match="not a VecSet VAE"):
+        VecSetVAE.from_pretrained(tmp_path / "f")
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        VecSetVAE.from_pretrained(tmp_path / "nope")
+    (tmp_path / "g").mkdir()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        VecSetVAE.from_pretrained(tmp_path / "g")
+    assert vecset_config_from_dict({"preset": "tiny", "width": 64}).width == 64
+
+
+# ---------------------------------------------------------------------------------------------
+# Hunyuan3D ShapeVAE: an independent reference forward on a state dict in their layout
+# ---------------------------------------------------------------------------------------------
+# Written from the facts in shared/reference/vecset.md §1.3-1.4: per-head interleaved c_qkv / c_kv
+# split by view(B, N, H, k * hd).split(hd, -1); LayerNorm qk-norm (eps 1e-6) on (B, N, H, hd) before
+# the head transpose; block LayerNorm eps 1e-6, ln_post eps 1e-5; exact GELU; cross block
+# x + attn(ln_1(x), ln_2(data)), then x + mlp(ln_3(x)); Fourier [x, sin, cos] input-dim major;
+# output positive inside.
+
+HY = dict(width=32, heads=4, latent=8, enc=2, dec=2, freqs=8, feats=4)
+
+
+def hunyuan_state_dict(seed: int = 0, decoder_only: bool = False) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w, hd, f_in = HY["width"], HY["width"] // HY["heads"], 3 * (2 * HY["freqs"] + 1)
+    sd = {}
+
+    def lin(name, out_f, in_f, bias=True):
+        sd[f"{name}.weight"] = torch.randn(out_f, in_f, generator=g) / math.sqrt(in_f)
+        if bias:
+            sd[f"{name}.bias"] = 0.1 * torch.randn(out_f, generator=g)
+
+    def norm(name, dim):
+        sd[f"{name}.weight"] = 1.0 + 0.2 * torch.randn(dim, generator=g)
+        sd[f"{name}.bias"] = 0.2 * torch.randn(dim, generator=g)
+
+    def mlp(p):
+        lin(f"{p}.mlp.c_fc", 4 * w, w)
+        lin(f"{p}.mlp.c_proj", w, 4 * w)
+
+    def self_block(p):
+        norm(f"{p}.ln_1", w)
+        lin(f"{p}.attn.c_qkv", 3 * w, w, bias=False)
+        lin(f"{p}.attn.c_proj", w, w)
+        norm(f"{p}.attn.attention.q_norm", hd)
+        norm(f"{p}.attn.attention.k_norm", hd)
+        norm(f"{p}.ln_2", w)
+        mlp(p)
+
+    def cross_block(p):
+        for ln in ("ln_1", "ln_2", "ln_3"):
+            norm(f"{p}.{ln}", w)
+        lin(f"{p}.attn.c_q", w, w, bias=False)
+        lin(f"{p}.attn.c_kv", 2 * w, w, bias=False)
+        lin(f"{p}.attn.c_proj", w, w)
+        norm(f"{p}.attn.attention.q_norm", hd)
+        norm(f"{p}.attn.attention.k_norm", hd)
+        mlp(p)
+
+    if not decoder_only:
+        lin("encoder.input_proj", w, f_in + HY["feats"])
+        cross_block("encoder.cross_attn")
+        for i in range(HY["enc"]):
+            self_block(f"encoder.self_attn.resblocks.{i}")
+        norm("encoder.ln_post", w)
+        lin("pre_kl", 2 * HY["latent"], w)
+    lin("post_kl", w, HY["latent"])
+    for i in range(HY["dec"]):
+        self_block(f"transformer.resblocks.{i}")
+    lin("geo_decoder.query_proj", w, f_in)
+    cross_block("geo_decoder.cross_attn_decoder")
+    norm("geo_decoder.ln_post", w)
+    lin("geo_decoder.output_proj", 1, w)
+    return sd
+
+
+class HunyuanReference:
+    """Hunyuan3D ShapeVAE forward, written from the reference notes (not from any model code here)."""
+
+    def __init__(self, sd):
+        self.sd, self.h = sd, HY["heads"]
+
+    def lin(self, name, x):
+        return F.linear(x, self.sd[f"{name}.weight"], self.sd.get(f"{name}.bias"))
+
+    def ln(self, name, x, eps=1e-6):
+        return F.layer_norm(x, x.shape[-1:], self.sd[f"{name}.weight"], self.sd[f"{name}.bias"], eps)
+
+    def attend(self, p, q, k, v):  # (B, N, H, hd) each, before the head transpose
+        q = self.ln(f"{p}.attention.q_norm", q)
+        k = self.ln(f"{p}.attention.k_norm", k)
+        q, k, v = (t.permute(0, 2, 1, 3) for t in (q, k, v))  # (B, H, N, hd)
+        w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+        out = (w @ v).permute(0, 2, 1, 3)  # (B, N, H, hd)
+        return self.lin(f"{p}.c_proj", out.reshape(*out.shape[:2], -1))
+
+    def self_attn(self, p, x):
+        b, n, c = x.shape
+        hd = c // self.h
+        q, k, v = self.lin(f"{p}.c_qkv", x).view(b, n, self.h, 3 * hd).split(hd, dim=-1)
+        return self.attend(p, q, k, v)
+
+    def cross_attn(self, p, x, data):
+        b, n, c = x.shape
+        hd = c // self.h
+        q = self.lin(f"{p}.c_q", x).view(b, n, self.h, hd)
+        k, v = self.lin(f"{p}.c_kv", data).view(b, data.shape[1], self.h, 2 * hd).split(hd, dim=-1)
+        return self.attend(p, q, k, v)
+
+    def mlp(self, p, x):
+        return self.lin(f"{p}.c_proj", F.gelu(self.lin(f"{p}.c_fc", x)))
+
+    def resblock(self, p, x):
+        x = x + self.self_attn(f"{p}.attn", self.ln(f"{p}.ln_1", x))
+        return x + self.mlp(f"{p}.mlp", self.ln(f"{p}.ln_2", x))
+
+    def crossblock(self, p, x, data):
+        x = x + self.cross_attn(f"{p}.attn", self.ln(f"{p}.ln_1", x), self.ln(f"{p}.ln_2", data))
+        return x + self.mlp(f"{p}.mlp", self.ln(f"{p}.ln_3", x))
+
+    @staticmethod
+    def fourier(x):
+        freqs = 2.0 ** torch.arange(HY["freqs"], dtype=x.dtype)
+        emb = (x[..., None] * freqs).view(*x.shape[:-1], -1)
+        return torch.cat([x, emb.sin(), emb.cos()], dim=-1)
+
+    def encode(self, surface, query_idx):
+        pc, feats = surface[..., :3], surface[..., 3:]
+        data = self.lin("encoder.input_proj", torch.cat([self.fourier(pc), feats], dim=-1))
+        sel = query_idx[..., None]
+        qpc = pc.gather(1, sel.expand(-1, -1, 3))
+        qfeats = feats.gather(1, sel.expand(-1, -1, feats.shape[-1]))
+        query = self.lin("encoder.input_proj", torch.cat([self.fourier(qpc), qfeats], dim=-1))
+        x = self.crossblock("encoder.cross_attn", query, data)
+        for i in range(HY["enc"]):
+            x = self.resblock(f"encoder.self_attn.resblocks.{i}", x)
+        x = self.ln("encoder.ln_post", x, eps=1e-5)
+        return self.lin("pre_kl", x).chunk(2, dim=-1)
+
+    def decode(self, z):
+        x = self.lin("post_kl", z)
+        for i in range(HY["dec"]):
+            x = self.resblock(f"transformer.resblocks.{i}", x)
+        return x
+
+    def query(self, points, x):
+        q = self.lin("geo_decoder.query_proj", self.fourier(points))
+        h = self.crossblock("geo_decoder.cross_attn_decoder", q, x)
+        return self.lin("geo_decoder.output_proj", self.ln("geo_decoder.ln_post", h, eps=1e-5)).squeeze(-1)
+
+
+def _hunyuan_inputs(dtype):
+    g = torch.Generator().manual_seed(1)
+    xyz = torch.rand(2, 64, 3, generator=g) * 2 - 1
+    normals = F.normalize(torch.randn(2, 64, 3, generator=g), dim=-1)
+    sharp = (torch.rand(2, 64, 1, generator=g) < 0.3).float()
+    surface = torch.cat([xyz, normals, sharp], dim=-1).to(dtype)
+    points = (torch.rand(2, 50, 3, generator=g) * 2 - 1).to(dtype)
+    qidx = torch.stack([torch.randperm(64, generator=g)[:12] for _ in range(2)])
+    return surface, points, qidx
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_hunyuan_weights_reproduce_the_reference_forward(dtype):
+    sd = hunyuan_state_dict()
+    ref = HunyuanReference({k: v.to(dtype) for k, v in sd.items()})
+    model = load_hunyuan_vae(sd).to(dtype).eval()
+    cfg = model.cfg
+    assert (cfg.width, cfg.heads, cfg.encoder_layers, cfg.decoder_layers) == (32, 4, 2, 2)
+    assert (cfg.latent_channels, cfg.point_feats, cfg.num_freqs, cfg.mlp_ratio) == (8, 4, 8, 4.0)
+    assert cfg.latent_scale == pytest.approx(1.0039506158752403) and cfg.num_latents == 4096
+    assert model.encoder.ln_post.eps == 1e-5 and model.geo_decoder.ln_post.eps == 1e-5
+    assert model.decoder.blocks[0].ln_1.eps == 1e-6 and model.decoder.blocks[0].attn.q_norm.eps == 1e-6
+    surface, points, qidx = _hunyuan_inputs(dtype)
+    tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        mean_ref, logvar_ref = ref.encode(surface, qidx)
+        post = model.encode(surface, query_idx=qidx)
+        torch.testing.assert_close(post.mean, mean_ref, **tol)
+        torch.testing.assert_close(post.logvar, logvar_ref.clamp(-30, 20), **tol)
+        tok_ref, tok = ref.decode(mean_ref), model.decode(post.mean)
+        torch.testing.assert_close(tok, tok_ref, **tol)
+        out_ref = ref.query(points, tok_ref)
+        out = model.query(points, tok)
+    assert out_ref.abs().mean() > 0.1  # a non-trivial field
+    torch.testing.assert_close(out, -out_ref, **tol)  # our field is minus theirs (negative inside)
+
+
+def test_hunyuan_file_formats_prefix_fp16_and_decoder_only(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = hunyuan_state_dict()
+    surface, points, qidx = _hunyuan_inputs(torch.float32)
+    base = load_hunyuan_vae(sd).eval()
+    # pipeline single-file layout: "vae." prefix next to other components, stored in fp16
+    single = {f"vae.{k}": v.half() for k, v in sd.items()}
+    single["model.x_embedder.weight"] = torch.zeros(2, 2, dtype=torch.float16)
+    save_file(single, str(tmp_path / "model.fp16.safetensors"))
+    m16 = VecSetVAE.from_pretrained(tmp_path / "model.fp16.safetensors").eval()
+    assert next(m16.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        a = base.query(points, base.decode(base.encode(surface, query_idx=qidx).mode()))
+        b = m16.query(points, m16.decode(m16.encode(surface, query_idx=qidx).mode()))
+    torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)  # fp16 weights: close, not equal
+    # torch .ckpt with {"vae": state_dict}
+    torch.save({"vae": sd, "model": {}}, tmp_path / "h2.ckpt")
+    mck = VecSetVAE.from_pretrained(tmp_path / "h2.ckpt", num_latents=512)
+    assert mck.cfg.num_latents == 512
+    for (k1, v1), (k2, v2) in zip(base.state_dict().items(), mck.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2)
+    # Hunyuan3D-2.0: decoder only -> a decoder-only model whose encode raises
+    dec = load_hunyuan_vae(hunyuan_state_dict(decoder_only=True))
+    assert dec.cfg.decoder_only and dec.cfg.latent_scale == pytest.approx(0.9990943042622529)
+    assert not any(k.startswith(("encoder.", "pre_kl")) for k in dec.state_dict())
+    with pytest.raises(RuntimeError, match="decoder-only"):
+        dec.encode(surface)
+    assert dec.query(points[:1], dec.decode(torch.zeros(1, 6, 8))).shape == (1, 50)
+
+
+def test_hunyuan_bad_state_dicts_list_the_keys():
+    sd = hunyuan_state_dict()
+    sd.pop("transformer.resblocks.1.mlp.c_fc.bias")
+    with pytest.raises(ValueError, match=r"missing keys \['decoder.blocks.1.mlp.fc1.bias'\]"):
+        load_hunyuan_vae(sd)
+    sd = hunyuan_state_dict()
+    sd["geo_decoder.extra_proj.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match=r"unexpected keys \['geo_decoder.extra_proj.weight'\]"):
+        load_hunyuan_vae(sd)
+    sd = hunyuan_state_dict()
+    sd["encoder.cross_attn.attn.c_q_renamed.weight"] = sd.pop("encoder.cross_attn.attn.c_q.weight")
+    with pytest.raises(ValueError, match=r"missing keys \['encoder.cross_attn.attn.to_q.weight'\]; "
+                                         r"unexpected keys \['encoder.cross_attn.attn.c_q_renamed.weight'\]"):
+        load_hunyuan_vae(sd)
+
+
+def test_interleaved_qkv_permutation():
+    heads, hd = 3, 2
+    # row labels: 100 * part + 10 * head + channel, in Hunyuan's [h: q, k, v] order
+    rows = torch.tensor([100 * p + 10 * h + d for h in range(heads) for p in range(3) for d in range(hd)])
+    out = interleaved_to_blocked(rows[:, None].float(), heads, 3)[:, 0].long()
+    expected = torch.tensor([100 * p + 10 * h + d for p in range(3) for h in range(heads) for d in range(hd)])
+    assert torch.equal(out, expected)
+    cfg = hunyuan_config(hunyuan_state_dict())
+    conv = convert_hunyuan_state_dict(hunyuan_state_dict(), cfg)
+    original = hunyuan_state_dict()["geo_decoder.output_proj.bias"]
+    assert torch.equal(conv["geo_decoder.output_proj.bias"], -original)

@@ -35,3 +35,12 @@ def test_append_line(tmp_path):
     assert [json.loads(l)["a"] for l in p.read_text().splitlines()] == [1, 2]
     with pytest.raises(ValueError):
         fileio.append_line(p, "two\nlines")
+
+
+def test_atomic_files_get_the_umask_mode(tmp_path):
+    import os
+
+    fileio.write_text(tmp_path / "f.txt", "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o666 & ~mask

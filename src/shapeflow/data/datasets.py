@@ -1,0 +1,283 @@
+"""PyTorch datasets over a preprocessed folder (``shapeflow preprocess`` output).
+
+Design choices
+--------------
+* **Objects** = the ``ok`` records of ``OUT_DIR/manifest.jsonl`` (latest record per id,
+  :func:`shapeflow.data.preprocess.read_manifest`) whose ``meta.json`` exists, sorted by id.
+* **Split** by id hash: an object is in ``val`` iff ``sha256(f"{split_seed}:{id}")`` read as a number
+  in [0, 1) is below ``val_fraction``. Deterministic, independent of the folder's size and order, and
+  an object never changes side when more objects are added.
+* **Labels**: the class of an object is the name of its source file's parent folder (the layout of
+  ``shapeflow synth``: ``OUT/<class>/<class>_0001.obj``). With ``classes`` given (a list of names,
+  index = label, or a ``{name: label}`` dict) items carry ``"label"`` and objects of other classes are
+  left out; :func:`class_names` lists the classes present.
+* **Worker-safe random subsampling**: each item draws its own ``numpy`` generator from
+  ``(a 63-bit draw of torch's default generator, index)``. DataLoader workers get distinct torch
+  seeds (``base_seed + worker_id``, a new base every epoch), the main process advances its generator
+  on every item, and shapeflow's training loop re-seeds torch from ``(seed, epoch, index)`` around each
+  item, where the draw is then exactly reproducible (``--resume``). The numpy global RNG is never used.
+* Subsampling is without replacement when a group has enough points, with replacement otherwise. An
+  object without sharp samples fills the sharp slots with uniform points whose sharp flag is 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from shapeflow.data import format as fmt
+from shapeflow.data.preprocess import read_manifest
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "all")
+
+
+def is_val(oid: str, val_fraction: float, split_seed: int = 0) -> bool:
+    """Whether object ``oid`` belongs to the validation split (see module docstring)."""
+    digest = hashlib.sha256(f"{split_seed}:{oid}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64 < val_fraction
+
+
+def class_of(record: Mapping) -> str:
+    """Class name of a manifest record: its source file's parent folder name."""
+    return Path(str(record["source"])).parent.name
+
+
+def class_names(root: str | os.PathLike) -> list[str]:
+    """Sorted class names (source parent folders) of the ``ok`` objects of a preprocessed folder."""
+    return sorted({class_of(r) for r in read_manifest(root, status="ok")})
+
+
+class ObjectFolder(Dataset):
+    """Base class: the list of usable objects of a preprocessed folder, split and labelled.
+
+    Parameters
+    ----------
+    root : path
+      The ``OUT_DIR`` of ``shapeflow preprocess``.
+    split : "train", "val" or "all"
+    val_fraction : float
+      Share of objects in ``val`` (by id hash).
+    split_seed : int
+    classes : sequence of str, mapping str -> int, or None
+      Class names (index = label) or a name -> label map. None: no labels.
+
+    Raises
+    ------
+    FileNotFoundError
+      If ``root`` has no manifest.
+    ValueError
+      For an unknown split or a fraction outside [0, 1].
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        split: str = "train",
+        val_fraction: float = 0.05,
+        split_seed: int = 0,
+        classes: Sequence[str] | Mapping[str, int] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        if not (self.root / "manifest.jsonl").is_file():
+            raise FileNotFoundError(f"{self.root}: no manifest.jsonl (not a preprocessed folder)")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if not 0.0 <= val_fraction <= 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1], got {val_fraction}")
+        if classes is None:
+            self.class_to_label = None
+        elif isinstance(classes, Mapping):
+            self.class_to_label = {str(k): int(v) for k, v in classes.items()}
+        else:
+            self.class_to_label = {str(c): i for i, c in enumerate(classes)}
+        records = []
+        dropped = 0
+        for rec in read_manifest(self.root, status="ok"):
+            oid = rec.get("id")
+            if not oid or not (self.root / oid / fmt.META_FILE).is_file():
+                continue
+            if split != "all" and is_val(oid, val_fraction, split_seed) != (split == "val"):
+                continue
+            if self.class_to_label is not None and class_of(rec) not in self.class_to_label:
+                dropped += 1
+                continue
+            records.append(rec)
+        if dropped:
+            log.info("%s: left out %d object(s) whose class is not in the class list", self.root, dropped)
+        self.records = sorted(records, key=lambda r: r["id"])
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def object_dir(self, index: int) -> Path:
+        return self.root / self.records[index]["id"]
+
+    def meta(self, index: int) -> dict:
+        """The object's ``meta.json``."""
+        return json.loads((self.object_dir(index) / fmt.META_FILE).read_text(encoding="utf-8"))
+
+    def _base_item(self, index: int) -> dict:
+        rec = self.records[index]
+        item: dict = {"id": rec["id"]}
+        if self.class_to_label is not None:
+            item["label"] = self.class_to_label[class_of(rec)]
+        return item
+
+    @staticmethod
+    def _rng(index: int) -> np.random.Generator:
+        draw = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+        return np.random.default_rng([draw, int(index)])
+
+
+def _choose(rng: np.random.Generator, pool: np.ndarray, k: int) -> np.ndarray:
+    """``k`` entries of ``pool`` (indices), without replacement when possible."""
+    if k <= 0:
+        return pool[:0]
+    if len(pool) == 0:
+        raise ValueError("cannot draw from an empty set")
+    return rng.choice(pool, size=k, replace=len(pool) < k)
+
+
+class VecSetDataset(ObjectFolder):
+    """Items for VecSet VAEs: a surface subsample with its sharp subset, and SDF-labelled queries.
+
+    Parameters
+    ----------
+    root, split, val_fraction, split_seed, classes
+      See :class:`ObjectFolder`.
+    n_surface : int
+      Uniform surface points per item.
+    n_sharp : int
+      Sharp-edge surface points per item (appended after the uniform ones).
+    n_queries : int
+      SDF query points per item.
+    query_fractions : (float, float, float)
+      Shares of query groups 0 (uniform), 1 (near fine), 2 (near coarse); a group the file lacks gives
+      its share to the others.
+
+    Item
+    ----
+    ``surface``: (n_surface + n_sharp, 7) float32 ``[x, y, z, nx, ny, nz, sharp]`` (uniform first);
+    ``points``: (n_queries, 3) float32; ``sdf``: (n_queries,) float32 signed distance, negative inside;
+    ``id``: str; ``label``: int when ``classes`` is given.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        n_surface: int = 8192,
+        n_sharp: int = 2048,
+        n_queries: int = 8192,
+        query_fractions: tuple[float, float, float] = (0.4, 0.3, 0.3),
+        split: str = "train",
+        val_fraction: float = 0.05,
+        split_seed: int = 0,
+        classes: Sequence[str] | Mapping[str, int] | None = None,
+    ) -> None:
+        super().__init__(root, split=split, val_fraction=val_fraction, split_seed=split_seed, classes=classes)
+        if min(n_surface, n_sharp, n_queries) < 0 or n_surface + n_sharp < 1:
+            raise ValueError("point counts must be >= 0 with at least one surface point")
+        if len(query_fractions) != 3 or min(query_fractions) < 0 or not sum(query_fractions) > 0:
+            raise ValueError(f"query_fractions must be 3 non-negative numbers, got {query_fractions}")
+        self.n_surface, self.n_sharp, self.n_queries = int(n_surface), int(n_sharp), int(n_queries)
+        self.query_fractions = tuple(float(x) for x in query_fractions)
+
+    def __getitem__(self, index: int) -> dict:
+        a = fmt.read_sample_file(
+            self.object_dir(index) / fmt.SAMPLES_FILE,
+            ["surface_points", "surface_normals", "surface_sharp", "sdf_points", "sdf_values", "sdf_group"],
+        )
+        rng = self._rng(index)
+        sharp = a["surface_sharp"]
+        uni_pool = np.flatnonzero(~sharp)
+        sharp_pool = np.flatnonzero(sharp)
+        if len(uni_pool) == 0:
+            uni_pool = sharp_pool
+        iu = _choose(rng, uni_pool, self.n_surface)
+        if len(sharp_pool):
+            isharp = _choose(rng, sharp_pool, self.n_sharp)
+        else:
+            isharp = _choose(rng, uni_pool, self.n_sharp)
+        idx = np.concatenate([iu, isharp])
+        flag = np.concatenate([np.zeros(len(iu)), sharp[isharp].astype(np.float64)])
+        surface = np.concatenate(
+            [a["surface_points"][idx], a["surface_normals"][idx], flag[:, None].astype(np.float32)], axis=1
+        )  # (n + k, 7)
+
+        group = a["sdf_group"]
+        pools = [np.flatnonzero(group == g) for g in range(3)]
+        w = np.array([f if len(p) else 0.0 for f, p in zip(self.query_fractions, pools)])
+        if not w.sum() > 0:
+            raise ValueError(f"{self.object_dir(index)}: no SDF samples in the requested groups")
+        counts = np.floor(w / w.sum() * self.n_queries).astype(int)
+        counts[np.argmax(w)] += self.n_queries - int(counts.sum())
+        qi = np.concatenate([_choose(rng, p, c) for p, c in zip(pools, counts)])
+        item = self._base_item(index)
+        item["surface"] = torch.from_numpy(np.ascontiguousarray(surface, dtype=np.float32))
+        item["points"] = torch.from_numpy(np.ascontiguousarray(a["sdf_points"][qi], dtype=np.float32))
+        item["sdf"] = torch.from_numpy(np.ascontiguousarray(a["sdf_values"][qi], dtype=np.float32))
+        item["groups"] = torch.from_numpy(np.ascontiguousarray(group[qi], dtype=np.uint8))
+        return item
+
+
+class GridDataset(ObjectFolder):
+    """Items for voxel-grid VAEs: the 64^3 shell occupancy or the dense truncated SDF.
+
+    Parameters
+    ----------
+    root, split, val_fraction, split_seed, classes
+      See :class:`ObjectFolder`.
+    source : "occ64" or "tsdf"
+      ``occ64``: the (64, 64, 64) cell-grid shell occupancy as 0/1. ``tsdf``: the (R+1)^3 node-grid
+      truncated SDF (objects preprocessed with ``--tsdf-res``), negative inside.
+    normalize_tsdf : bool
+      Divide the TSDF by its truncation so values lie in [-1, 1] (Dora's convention).
+
+    Item
+    ----
+    ``grid``: (1, 64, 64, 64) or (1, R+1, R+1, R+1) float32; ``id``; ``label`` when ``classes`` is given.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        source: str = "occ64",
+        normalize_tsdf: bool = True,
+        split: str = "train",
+        val_fraction: float = 0.05,
+        split_seed: int = 0,
+        classes: Sequence[str] | Mapping[str, int] | None = None,
+    ) -> None:
+        super().__init__(root, split=split, val_fraction=val_fraction, split_seed=split_seed, classes=classes)
+        if source not in ("occ64", "tsdf"):
+            raise ValueError(f"source must be 'occ64' or 'tsdf', got {source!r}")
+        self.source = source
+        self.normalize_tsdf = normalize_tsdf
+
+    def __getitem__(self, index: int) -> dict:
+        path = self.object_dir(index) / fmt.SAMPLES_FILE
+        if self.source == "occ64":
+            g = fmt.read_sample_file(path, ["occ64"])["occ64"].astype(np.float32)
+        else:
+            try:
+                g = fmt.read_sample_file(path, ["tsdf"])["tsdf"].astype(np.float32)
+            except KeyError:
+                raise ValueError(f"{path}: no tsdf array (preprocess with --tsdf-res)") from None
+            if self.normalize_tsdf:
+                g = g / np.float32(self.meta(index)["tsdf"]["trunc"])
+        item = self._base_item(index)
+        item["grid"] = torch.from_numpy(np.ascontiguousarray(g)[None])  # (1, r, r, r)
+        return item

@@ -1,0 +1,157 @@
+"""THE per-object training-sample file: array names, shapes, dtypes and units, written once here.
+
+Layout of a preprocessed dataset (``shapeflow preprocess INPUT OUT_DIR``)::
+
+    OUT_DIR/manifest.jsonl           one JSON record per input (see shapeflow.data.preprocess)
+    OUT_DIR/config.json              the PreprocessConfig every object was made with
+    OUT_DIR/<id>/samples.safetensors the arrays below
+    OUT_DIR/<id>/watertight.ply      the watertight surface the samples were taken from (canonical frame)
+    OUT_DIR/<id>/meta.json           written last: its presence marks the object complete
+
+``<id>`` is the first 16 hex digits (64 bits) of the SHA-256 of the source file's bytes.
+
+Arrays in ``samples.safetensors`` (all coordinates in the canonical frame of
+:mod:`shapeflow.geometry.frame`: object in ``[-0.95, 0.95]^3``, working cube ``[-1, 1]^3``):
+
+==================  ======================  =======  ==================================================
+name                shape                   dtype    meaning
+==================  ======================  =======  ==================================================
+``surface_points``  (Ns, 3)                 float32  points on the watertight surface: ``n_uniform``
+                                                     area-weighted uniform points first, then
+                                                     ``n_sharp`` sharp-edge points (``n_sharp`` may be
+                                                     0, or fewer than requested)
+``surface_normals`` (Ns, 3)                 float32  unit outward normals of those points
+``surface_sharp``   (Ns,)                   bool     True for the sharp-edge points (the tail)
+``sdf_points``      (Q, 3)                  float32  query points: group 0, then 1, then 2
+``sdf_values``      (Q,)                    float32  signed distance to the watertight surface,
+                                                     **negative inside**, canonical units (exact)
+``sdf_group``       (Q,)                    uint8    0 uniform in the cube, 1 near surface (fine noise,
+                                                     sigma 0.005), 2 near surface (coarse, sigma 0.05)
+``occ64``           (64, 64, 64)            bool     surface-shell occupancy on the 64^3 cell grid
+                                                     (voxel set iff the surface passes through it)
+``tsdf``            (R+1, R+1, R+1)         float32  optional: truncated SDF on the node grid with R
+                                                     cells, clipped to ``+-trunc`` (R and trunc in
+                                                     meta.json)
+==================  ======================  =======  ==================================================
+
+Grids are indexed ``[i, j, k] = [x, y, z]`` (:mod:`shapeflow.geometry.grid`).
+
+Why safetensors: it is a flat header + raw little-endian buffers that load by memory map. Measured
+here on a 12 MB object file (132k surface + 500k SDF samples + occ64): loading every array took
+1.4 ms with safetensors vs 20 ms with an uncompressed ``.npz`` (zip members are copied), and one
+array alone 0.1 ms vs 0.5 ms; a data loader that reads only ``occ64`` or a subsample pays for only
+that. Files are written atomically (:mod:`shapeflow.fileio`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from shapeflow import fileio
+
+SAMPLES_FILE = "samples.safetensors"
+MESH_FILE = "watertight.ply"
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+
+OCC_RES = 64
+"""Cells per axis of the shell occupancy grid (TRELLIS sparse structure)."""
+
+# name -> (dtype, shape as a tuple of ints or symbolic names)
+ARRAYS: dict[str, tuple[np.dtype, tuple]] = {
+    "surface_points": (np.dtype(np.float32), ("Ns", 3)),
+    "surface_normals": (np.dtype(np.float32), ("Ns", 3)),
+    "surface_sharp": (np.dtype(np.bool_), ("Ns",)),
+    "sdf_points": (np.dtype(np.float32), ("Q", 3)),
+    "sdf_values": (np.dtype(np.float32), ("Q",)),
+    "sdf_group": (np.dtype(np.uint8), ("Q",)),
+    "occ64": (np.dtype(np.bool_), (OCC_RES, OCC_RES, OCC_RES)),
+}
+OPTIONAL_ARRAYS: dict[str, tuple[tuple[np.dtype, ...], tuple]] = {
+    "tsdf": ((np.dtype(np.float32), np.dtype(np.float16)), ("R1", "R1", "R1")),
+}
+
+GROUP_UNIFORM, GROUP_NEAR_FINE, GROUP_NEAR_COARSE = 0, 1, 2
+
+
+def validate(arrays: dict[str, np.ndarray]) -> None:
+    """Check names, dtypes and shapes against the spec above.
+
+    Raises
+    ------
+    ValueError
+      Naming the first offending array.
+    """
+    sizes: dict[str, int] = {}
+    for name, (dtype, shape) in ARRAYS.items():
+        if name not in arrays:
+            raise ValueError(f"missing array {name!r}")
+        _check_one(name, arrays[name], (dtype,), shape, sizes)
+    for name, (dtypes, shape) in OPTIONAL_ARRAYS.items():
+        if name in arrays:
+            _check_one(name, arrays[name], dtypes, shape, sizes)
+    unknown = set(arrays) - set(ARRAYS) - set(OPTIONAL_ARRAYS)
+    if unknown:
+        raise ValueError(f"unknown array(s) {sorted(unknown)}")
+    sharp = np.asarray(arrays["surface_sharp"])
+    if sharp.any() and not sharp[np.argmax(sharp):].all():
+        raise ValueError("surface_sharp must mark a tail: uniform points first, then sharp points")
+
+
+def _check_one(name: str, a: np.ndarray, dtypes: tuple, shape: tuple, sizes: dict[str, int]) -> None:
+    a = np.asarray(a)
+    if a.dtype not in dtypes:
+        raise ValueError(f"array {name!r} has dtype {a.dtype}, expected {' or '.join(map(str, dtypes))}")
+    if a.ndim != len(shape):
+        raise ValueError(f"array {name!r} has shape {a.shape}, expected {shape}")
+    for got, want in zip(a.shape, shape):
+        if isinstance(want, str):
+            if sizes.setdefault(want, got) != got:
+                raise ValueError(f"array {name!r} has {want}={got}, other arrays have {sizes[want]}")
+        elif got != want:
+            raise ValueError(f"array {name!r} has shape {a.shape}, expected {shape}")
+
+
+def write_sample_file(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
+    """Validate and atomically write one object's arrays as safetensors."""
+    from safetensors.numpy import save
+
+    validate(arrays)
+    data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
+    fileio.write_bytes(path, data)
+
+
+def read_sample_file(
+    path: str | os.PathLike, names: list[str] | tuple[str, ...] | None = None
+) -> dict[str, np.ndarray]:
+    """Read some or all arrays of an object's sample file.
+
+    Parameters
+    ----------
+    path : path to ``samples.safetensors``
+    names : list of str or None
+      Arrays to read (None = all present).
+
+    Raises
+    ------
+    FileNotFoundError
+      If the file does not exist.
+    KeyError
+      If a requested array is not in the file.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such sample file")
+    out: dict[str, np.ndarray] = {}
+    with safe_open(str(path), framework="np") as fh:
+        keys = set(fh.keys())
+        for name in keys if names is None else names:
+            if name not in keys:
+                raise KeyError(f"{path}: no array {name!r} (has {sorted(keys)})")
+            out[name] = fh.get_tensor(name)
+    return out

@@ -1,0 +1,132 @@
+"""Torch datasets over a preprocessed folder: shapes, labels, splits, worker-safe subsampling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+from torch.utils.data import DataLoader
+
+from shapeflow.data import preprocess as pp
+from shapeflow.data.datasets import GridDataset, VecSetDataset, class_names, is_val
+
+CFG = pp.PreprocessConfig(resolution=32, surface_points=400, sharp_points=100, sdf_points=900, tsdf_res=8)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ds")
+    shapes = {
+        "ball": [trimesh.creation.icosphere(3, radius=r) for r in (0.5, 0.8)],  # smooth: no sharp edges
+        "cube": [trimesh.creation.box(extents=e) for e in ((1, 1, 1), (1, 2, 1), (2, 1, 0.5))],
+    }
+    for cls, meshes in shapes.items():
+        for k, m in enumerate(meshes):
+            p = root / "in" / cls / f"{cls}_{k:04d}.obj"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            m.export(p)
+    s = pp.preprocess_dataset(root / "in", root / "out", CFG, workers=0, progress=False)
+    assert s.ok == 5
+    return root / "out"
+
+
+def test_vecset_item_shapes_and_values(prepared):
+    ds = VecSetDataset(prepared, n_surface=64, n_sharp=16, n_queries=90, split="all",
+                       classes=["ball", "cube"])
+    assert len(ds) == 5
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["surface"].shape == (80, 7) and item["surface"].dtype == torch.float32
+        assert item["points"].shape == (90, 3) and item["sdf"].shape == (90,)
+        assert isinstance(item["id"], str) and item["label"] in (0, 1)
+        n = item["surface"][:, 3:6]
+        assert torch.allclose(n.norm(dim=1), torch.ones(80), atol=1e-5)
+        flag = item["surface"][:, 6]
+        assert (flag[:64] == 0).all()
+        rec = ds.records[i]
+        if "cube" in rec["source"]:
+            assert (flag[64:] == 1).all()  # boxes have sharp edges
+        else:
+            assert (flag[64:] == 0).all()  # no sharp samples: the sharp slots hold uniform points
+    # Labels follow the parent folder.
+    labels = {ds.records[i]["source"].split("/")[-2]: ds[i]["label"] for i in range(len(ds))}
+    assert labels == {"ball": 0, "cube": 1}
+    assert class_names(prepared) == ["ball", "cube"]
+
+
+def test_vecset_sdf_sign_matches_geometry(prepared):
+    ds = VecSetDataset(prepared, n_surface=8, n_sharp=0, n_queries=500, query_fractions=(1, 0, 0),
+                       split="all")
+    eps = CFG.eps_voxels * 2.0 / CFG.resolution
+    for i in range(len(ds)):
+        item = ds[i]
+        pts, sdf = item["points"].numpy(), item["sdf"].numpy()
+        assert sdf.min() < 0  # (at res 32 eps ~ the 0.05 margin: a cube's shell can fill the whole box)
+        if "ball" in ds.records[i]["source"]:
+            # A sphere of radius 0.95 (canonical frame) grown by eps: |x| - (0.95 + eps) up to tessellation.
+            r = np.linalg.norm(pts, axis=1)
+            assert np.abs(sdf - (r - 0.95 - eps)).max() < 0.03
+
+
+def test_query_group_fractions(prepared):
+    ds = VecSetDataset(prepared, n_surface=8, n_sharp=0, n_queries=100, query_fractions=(0, 1, 0),
+                       split="all")
+    item = ds[0]
+    # All points come from the fine near-surface group: |sdf| small.
+    assert item["sdf"].abs().max() < 0.06
+
+
+def test_splits_are_disjoint_and_cover(prepared):
+    tr = VecSetDataset(prepared, split="train", val_fraction=0.4)
+    va = VecSetDataset(prepared, split="val", val_fraction=0.4)
+    ids_tr = {r["id"] for r in tr.records}
+    ids_va = {r["id"] for r in va.records}
+    assert not ids_tr & ids_va and len(ids_tr | ids_va) == 5
+    assert all(is_val(i, 0.4) for i in ids_va)
+    assert len(VecSetDataset(prepared, split="val", val_fraction=0.0)) == 0
+    assert len(VecSetDataset(prepared, split="train", val_fraction=0.0)) == 5
+    with pytest.raises(ValueError):
+        VecSetDataset(prepared, split="test")
+
+
+def test_subsamples_differ_between_items_calls_and_workers(prepared):
+    ds = VecSetDataset(prepared, n_surface=32, n_sharp=8, n_queries=32, split="all")
+    torch.manual_seed(0)
+    a, b = ds[0], ds[0]
+    assert not torch.equal(a["points"], b["points"])  # the main process advances its generator
+    # Re-seeding torch reproduces a draw exactly (what the training loop does per item).
+    torch.manual_seed(123)
+    c = ds[0]
+    torch.manual_seed(123)
+    d = ds[0]
+    assert torch.equal(c["points"], d["points"]) and torch.equal(c["surface"], d["surface"])
+    # Two DataLoader workers reading the same object draw different subsamples.
+    same = torch.utils.data.Subset(ds, [0, 0, 0, 0])
+    loader = DataLoader(same, batch_size=1, num_workers=2, shuffle=False,
+                        generator=torch.Generator().manual_seed(0))
+    batches = [b["points"][0] for b in loader]
+    assert len(batches) == 4
+    assert not torch.equal(batches[0], batches[1])  # worker 0 vs worker 1
+    assert not torch.equal(batches[0], batches[2])  # worker 0, next item
+
+
+def test_grid_dataset(prepared):
+    occ = GridDataset(prepared, source="occ64", split="all", classes={"ball": 3, "cube": 7})
+    item = occ[0]
+    assert item["grid"].shape == (1, 64, 64, 64) and item["grid"].dtype == torch.float32
+    assert set(torch.unique(item["grid"]).tolist()) == {0.0, 1.0}
+    assert item["label"] in (3, 7)
+    ts = GridDataset(prepared, source="tsdf", split="all")
+    ball = next(i for i, r in enumerate(ts.records) if "ball" in r["source"])
+    g = ts[ball]["grid"]
+    assert g.shape == (1, 9, 9, 9)
+    # Normalised by the truncation (2 voxels = 0.5): the ball's centre is deep inside, corners outside.
+    assert g.min() >= -1 and g.max() <= 1 and g[0, 4, 4, 4] == -1 and g[0, 0, 0, 0] == 1
+    with pytest.raises(ValueError):
+        GridDataset(prepared, source="voxels")
+
+
+def test_missing_folder_raises(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        VecSetDataset(tmp_path)

@@ -1,0 +1,244 @@
+"""Encode a preprocessed dataset once with a trained VAE, so generator training reads latents, not meshes.
+
+Layout of a latent folder (``shapeflow encode-latents``)::
+
+    OUT_DIR/latents.json      what produced it: VAE checkpoint, kind, latent shape, encoder inputs
+    OUT_DIR/manifest.jsonl    one record per object: id, class (source parent folder), source, status
+    OUT_DIR/<id>.npy          float32 posterior **mean** of the object: (m, c) tokens or (c, r, r, r) grid
+
+Design choices
+
+* The posterior mean, not a sample (TRELLIS ``encode_ss_latent.py``; the flow then models the mean
+  latents, which decode to the sharpest shapes).
+* VecSet encoder inputs are a fixed subsample of the object's surface samples (``n_surface`` uniform +
+  ``n_sharp`` sharp points, seeded by the object id) and FPS queries seeded the same way, so a latent
+  depends only on (object, VAE, counts), never on the batch or shard it was encoded in.
+* Sharded (``shard = (i, n)`` takes every n-th object of the id-sorted list) and resumable: an object
+  whose ``.npy`` exists is skipped; files are written atomically, and a manifest record is appended
+  only after its file is in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from shapeflow import fileio
+from shapeflow.data import format as fmt
+from shapeflow.data.datasets import class_of, is_val
+from shapeflow.data.preprocess import read_manifest
+
+log = logging.getLogger(__name__)
+
+INFO_FILE = "latents.json"
+MANIFEST_FILE = "manifest.jsonl"
+
+
+def _seed_of(oid: str, seed: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{oid}".encode()).digest()[:8], "big") >> 1
+
+
+def vecset_surface(obj_dir: Path, n_surface: int, n_sharp: int, seed: int) -> np.ndarray:
+    """The deterministic encoder input of one object: ``(n_surface + n_sharp, 7)`` float32 (see module doc)."""
+    a = fmt.read_sample_file(obj_dir / fmt.SAMPLES_FILE, ["surface_points", "surface_normals", "surface_sharp"])
+    rng = np.random.default_rng(seed)
+    sharp = a["surface_sharp"]
+    uni, shp = np.flatnonzero(~sharp), np.flatnonzero(sharp)
+    if len(uni) == 0:
+        uni = shp
+    iu = rng.choice(uni, n_surface, replace=len(uni) < n_surface)
+    pool = shp if len(shp) else uni
+    ish = rng.choice(pool, n_sharp, replace=len(pool) < n_sharp) if n_sharp else pool[:0]
+    idx = np.concatenate([iu, ish])
+    flag = np.concatenate([np.zeros(len(iu)), sharp[ish].astype(np.float64)])
+    return np.concatenate([a["surface_points"][idx], a["surface_normals"][idx], flag[:, None]], 1).astype(np.float32)
+
+
+def _vae_data_defaults(vae_path: Path) -> dict:
+    """The ``data`` section of the VAE's training config (encoder input counts), when it has one."""
+    from shapeflow.models import _prefer_final
+    from shapeflow.train.checkpoint import resolve_checkpoint
+
+    try:
+        cfg = json.loads((resolve_checkpoint(_prefer_final(vae_path)) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return cfg.get("data") or {}
+
+
+@torch.no_grad()
+def encode_dataset(
+    vae_path: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    batch_size: int = 8,
+    num_latents: int | None = None,
+    n_surface: int | None = None,
+    n_sharp: int | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Encode every ``ok`` object of ``data_dir`` with the VAE at ``vae_path`` into ``out_dir``.
+
+    Returns a summary ``{"encoded", "skipped", "failed", "seconds", "latent_shape"}``.
+    """
+    from shapeflow.data.datasets import GridDataset
+    from shapeflow.models import load_vae
+
+    vae_path, data_dir, out = Path(vae_path), Path(data_dir), Path(out_dir)
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: index must be in [0, {count})")
+    model, kind = load_vae(vae_path)
+    model.to(device)
+    records = sorted(read_manifest(data_dir, status="ok"), key=lambda r: r["id"])
+    records = [r for r in records if (data_dir / r["id"] / fmt.META_FILE).is_file()]
+    if not records:
+        raise ValueError(f"{data_dir}: no preprocessed objects (status ok) to encode")
+    mine = records[index::count]
+    defaults = _vae_data_defaults(vae_path)
+    info = {"vae": str(vae_path), "kind": kind, "data_dir": str(data_dir), "seed": seed, "version": 1}
+    if kind == "vecset_vae":
+        info["n_surface"] = int(n_surface or defaults.get("n_surface", 4096))
+        info["n_sharp"] = int(n_sharp if n_sharp is not None else defaults.get("n_sharp", 1024))
+        info["num_latents"] = int(num_latents or model.cfg.num_latents)
+        info["latent_shape"] = [info["num_latents"], model.cfg.latent_channels]
+    else:
+        info["source"] = "tsdf" if model.cfg.input == "sdf" else "occ64"
+        info["latent_shape"] = list(model.cfg.latent_shape)
+    out.mkdir(parents=True, exist_ok=True)
+    info_path = out / INFO_FILE
+    if info_path.is_file():
+        old = json.loads(info_path.read_text())
+        keep = {k: v for k, v in old.items() if k != "data_dir"}
+        if keep != {k: v for k, v in info.items() if k != "data_dir"}:
+            raise ValueError(f"{info_path}: folder was encoded with different settings ({old}); "
+                             "use a new output folder")
+    else:
+        fileio.write_json(info_path, info)
+
+    todo = [r for r in mine if not (out / f"{r['id']}.npy").is_file()]
+    summary = {"encoded": 0, "skipped": len(mine) - len(todo), "failed": 0, "latent_shape": info["latent_shape"]}
+    t0 = time.perf_counter()
+    grid_ds = (GridDataset(data_dir, source=info["source"], normalize_tsdf=False, split="all")
+               if kind == "grid_vae" else None)
+    grid_index = {r["id"]: i for i, r in enumerate(grid_ds.records)} if grid_ds is not None else None
+    bar = tqdm(total=len(todo), desc="encode", unit="obj", disable=not progress)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        inputs, ok = [], []
+        for r in chunk:
+            try:
+                if kind == "vecset_vae":
+                    inputs.append(vecset_surface(data_dir / r["id"], info["n_surface"], info["n_sharp"],
+                                                 _seed_of(r["id"], seed)))
+                else:
+                    inputs.append(grid_ds[grid_index[r["id"]]]["grid"].numpy())
+                ok.append(r)
+            except (OSError, ValueError, KeyError) as e:
+                summary["failed"] += 1
+                _record(out, r, "failed", f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
+        if ok:
+            x = torch.from_numpy(np.stack(inputs)).to(device)
+            if kind == "vecset_vae":
+                gens = [torch.Generator().manual_seed(_seed_of(r["id"], seed + 1)) for r in ok]
+                z = torch.cat([model.encode(x[i:i + 1], num_latents=info["num_latents"], generator=g).mode()
+                               for i, g in enumerate(gens)])
+            else:
+                z = model.encode(x).mode()
+            for r, zi in zip(ok, z.float().cpu().numpy()):
+                with fileio.atomic_path(out / f"{r['id']}.npy") as tmp:
+                    np.save(tmp, zi.astype(np.float32))
+                _record(out, r, "ok", None)
+                summary["encoded"] += 1
+        bar.update(len(chunk))
+    bar.close()
+    summary["seconds"] = time.perf_counter() - t0
+    return summary
+
+
+def _record(out: Path, rec: Mapping, status: str, error: str | None) -> None:
+    line = {"id": rec["id"], "class": class_of(rec), "source": rec["source"], "status": status, "error": error}
+    fileio.append_line(out / MANIFEST_FILE, json.dumps(line))
+
+
+def read_latent_manifest(root: str | os.PathLike) -> list[dict]:
+    """Latest ``ok`` record per id of a latent folder whose ``.npy`` exists, sorted by id."""
+    root = Path(root)
+    path = root / MANIFEST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{root}: no {MANIFEST_FILE} (not a latent folder; run shapeflow encode-latents)")
+    latest: dict[str, dict] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            latest[rec["id"]] = rec
+    return sorted((r for r in latest.values() if r["status"] == "ok" and (root / f"{r['id']}.npy").is_file()),
+                  key=lambda r: r["id"])
+
+
+class LatentDataset(Dataset):
+    """Encoded latents for generator training: items ``{"latent": tensor, "id": str, ["label": int]}``.
+
+    Parameters
+    ----------
+    root : a latent folder (``shapeflow encode-latents``).
+    split : "train", "val" or "all"; the split is by id hash, as :class:`~shapeflow.data.datasets.ObjectFolder`.
+    classes : class names (index = label) for class-conditional training; objects of other classes are
+      left out. ``None``: no labels.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, split: str = "train", val_fraction: float = 0.1,
+                 split_seed: int = 0, classes: Sequence[str] | None = None, cache: bool = True):
+        self.root = Path(root)
+        if split not in ("train", "val", "all"):
+            raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
+        self.info = json.loads((self.root / INFO_FILE).read_text()) if (self.root / INFO_FILE).is_file() else {}
+        recs = read_latent_manifest(self.root)
+        if split != "all":
+            recs = [r for r in recs if is_val(r["id"], val_fraction, split_seed) == (split == "val")]
+        self.class_to_label = None if classes is None else {c: i for i, c in enumerate(classes)}
+        if self.class_to_label is not None:
+            unknown = sorted({r["class"] for r in recs} - set(self.class_to_label))
+            if unknown:
+                log.info("%s: leaving out objects of classes not in the class list: %s", self.root, unknown)
+            recs = [r for r in recs if r["class"] in self.class_to_label]
+        self.records = recs
+        self._cache: dict[int, torch.Tensor] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def latent(self, index: int) -> torch.Tensor:
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
+        z = torch.from_numpy(np.load(self.root / f"{self.records[index]['id']}.npy"))
+        if self._cache is not None:
+            self._cache[index] = z
+        return z
+
+    def __getitem__(self, index: int) -> dict:
+        rec = self.records[index]
+        item = {"latent": self.latent(index), "id": rec["id"]}
+        if self.class_to_label is not None:
+            item["label"] = self.class_to_label[rec["class"]]
+        return item
+
+    def stack(self) -> torch.Tensor:
+        """All latents as one tensor ``(n, ...)`` (for fitting the latent normaliser)."""
+        if not len(self):
+            raise ValueError(f"{self.root}: no latents in this split")
+        return torch.stack([self.latent(i) for i in range(len(self))])

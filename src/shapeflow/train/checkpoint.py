@@ -1,0 +1,321 @@
+"""Checkpoint directories: safetensors weights + resolved config + resumable training state.
+
+Layout::
+
+    <out_dir>/checkpoints/step_00001000/
+        model.safetensors   # the trained weights (full, unsharded, fp32), keys = model.state_dict()
+        ema.safetensors     # EMA of the weights (when train.ema), same keys
+        config.json         # the resolved ExperimentConfig; the model config is under "model"
+        state.pt            # optimizer (parameter-name keyed), step, RNG states of every rank,
+                            # data position; loadable with torch.load(weights_only=True)
+    <out_dir>/checkpoints/latest         # text: "step_00001000", written last
+    <out_dir>/final/{config.json, model.safetensors}   # inference export (EMA weights by default)
+
+Design choices:
+
+* Atomic: everything is written into ``checkpoints/.tmp-step_XXXXXXXX-<pid>/`` and renamed onto the
+  final name in one ``os.rename``; the ``latest`` pointer is replaced atomically afterwards. A killed
+  writer leaves at most a ``.tmp-*`` folder (removed by :func:`clean_stale`), never a partial
+  ``step_*`` folder, and ``latest`` always names a complete checkpoint.
+* Only rank 0 writes; callers gather full (unsharded) state dicts first.
+* Weights never load non-strictly: :func:`load_weights` raises one line listing missing /
+  unexpected keys and shape mismatches.
+* The inference contract (``Model.from_pretrained(dir)``): ``config.json`` with the model config under
+  ``"model"`` plus ``model.safetensors``, in both step directories and ``final/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from shapeflow import fileio
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+FINAL = "final"
+_STEP_RE = re.compile(r"^step_(\d{8,})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or does not match the model (one-line message)."""
+
+
+def step_dirname(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def checkpoints_dir(out_dir: str | os.PathLike) -> Path:
+    return Path(out_dir) / CHECKPOINTS
+
+
+def list_checkpoints(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Complete ``step_*`` directories under ``<out_dir>/checkpoints``, sorted by step."""
+    root = checkpoints_dir(out_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint ``latest`` points to, or None when the run has none."""
+    root = checkpoints_dir(out_dir)
+    pointer = root / LATEST
+    if pointer.is_file():
+        path = root / pointer.read_text(encoding="utf-8").strip()
+        if not (path / "state.pt").is_file():
+            raise CheckpointError(f"{pointer}: points to {path.name}, which is missing or incomplete")
+        return path
+    existing = list_checkpoints(out_dir)
+    if existing:  # pointer lost (e.g. deleted by hand): fall back to the highest complete step
+        log.warning("%s missing; using %s", pointer, existing[-1][1].name)
+        return existing[-1][1]
+    return None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """Accept a checkpoint dir, a ``final/`` dir, a run's ``out_dir`` or its ``checkpoints/`` dir."""
+    path = Path(path)
+    weights = ("model.safetensors", "ema.safetensors")
+    if (path / "config.json").is_file() and any((path / f).is_file() for f in weights):
+        return path
+    for out_dir in (path, path.parent if path.name == CHECKPOINTS else None):
+        if out_dir is not None and checkpoints_dir(out_dir).is_dir():
+            found = latest_checkpoint(out_dir)
+            if found is not None:
+                return found
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    raise CheckpointError(f"{path}: not a checkpoint (expected config.json + model.safetensors, "
+                          f"or a run directory with {CHECKPOINTS}/{LATEST})")
+
+
+def clean_stale(out_dir: str | os.PathLike) -> None:
+    """Remove ``.tmp-*`` / ``.trash-*`` folders left by a writer that was killed."""
+    for root in (checkpoints_dir(out_dir), Path(out_dir)):
+        if root.is_dir():
+            for p in root.iterdir():
+                if p.is_dir() and (p.name.startswith(".tmp-") or p.name.startswith(".trash-")):
+                    log.info("removing stale %s", p)
+                    shutil.rmtree(p, ignore_errors=True)
+
+
+# -------------------------------------------------------------------------------------------------
+# writing
+# -------------------------------------------------------------------------------------------------
+
+
+def save_safetensors(path: str | os.PathLike, state: Mapping[str, torch.Tensor],
+                     metadata: dict[str, str] | None = None) -> None:
+    """Atomically write a state dict (CPU, contiguous; tied tensors are written once per name)."""
+    seen: set[int] = set()
+    tensors = {}
+    for k, v in state.items():
+        v = v.detach().to("cpu").contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        if v.numel() and ptr in seen:  # safetensors refuses tensors that share memory (tied weights)
+            v = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
+        tensors[k] = v
+    with fileio.atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _publish_dir(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` onto ``final``; an existing ``final`` is moved aside first, then deleted."""
+    trash = None
+    if final.exists():
+        trash = final.parent / f".trash-{final.name}-{os.getpid()}"
+        os.rename(final, trash)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _write_dir(final: Path, write) -> Path:
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        _fsync_dir(tmp)
+        _publish_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def save_checkpoint(
+    out_dir: str | os.PathLike,
+    step: int,
+    *,
+    config: Mapping[str, Any],
+    model_state: Mapping[str, torch.Tensor],
+    ema_state: Mapping[str, torch.Tensor] | None,
+    train_state: Mapping[str, Any],
+    keep_last: int = 3,
+) -> Path:
+    """Write ``<out_dir>/checkpoints/step_<step>/`` atomically, point ``latest`` at it, prune old ones.
+
+    Parameters
+    ----------
+    config : the resolved experiment config as a dict (:func:`shapeflow.config.to_dict`).
+    model_state, ema_state : full CPU state dicts (``ema_state`` None when EMA is off).
+    train_state : picklable dict for ``state.pt`` (optimizer, step, RNG, data position).
+    keep_last : number of ``step_*`` directories to keep (the newest; ``latest`` is never removed).
+    """
+    root = checkpoints_dir(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dirname(step)
+    meta = {"format": "pt", "step": str(step)}
+
+    def write(tmp: Path) -> None:
+        save_safetensors(tmp / "model.safetensors", model_state, meta)
+        if ema_state is not None:
+            save_safetensors(tmp / "ema.safetensors", ema_state, meta)
+        fileio.write_json(tmp / "config.json", dict(config))
+        with fileio.atomic_path(tmp / "state.pt") as p:
+            torch.save(dict(train_state), p)
+
+    _write_dir(final, write)
+    fileio.write_text(root / LATEST, final.name + "\n")
+    _fsync_dir(root)
+    for _, old in list_checkpoints(out_dir)[:-keep_last]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def export_final(out_dir: str | os.PathLike, ckpt: str | os.PathLike,
+                 which: Literal["ema", "model"] = "ema") -> Path:
+    """Copy a checkpoint's ``config.json`` and chosen weights to ``<out_dir>/final/`` (atomically).
+
+    The weights are written as ``final/model.safetensors`` whichever set was chosen, so inference code
+    only ever reads ``model.safetensors``.
+    """
+    ckpt = resolve_checkpoint(ckpt)
+    src = ckpt / f"{which}.safetensors"
+    if not src.is_file():
+        raise CheckpointError(f"{ckpt}: has no {which}.safetensors")
+
+    def write(tmp: Path) -> None:
+        shutil.copyfile(ckpt / "config.json", tmp / "config.json")
+        shutil.copyfile(src, tmp / "model.safetensors")
+        for f in ("config.json", "model.safetensors"):
+            with open(tmp / f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+    return _write_dir(Path(out_dir) / FINAL, write)
+
+
+# -------------------------------------------------------------------------------------------------
+# reading
+# -------------------------------------------------------------------------------------------------
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The raw ``config.json`` dict of a checkpoint (see :func:`shapeflow.config.config_from_dict`)."""
+    file = resolve_checkpoint(path) / "config.json"
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: invalid JSON: {e}") from None
+
+
+def read_weights(path: str | os.PathLike,
+                 which: Literal["ema", "model"] = "model") -> dict[str, torch.Tensor]:
+    """The state dict in ``<ckpt>/<which>.safetensors`` (CPU tensors)."""
+    file = resolve_checkpoint(path) / f"{which}.safetensors"
+    if not file.is_file():
+        hint = " (trained with train.ema=false?)" if which == "ema" else ""
+        raise CheckpointError(f"{file}: not found{hint}")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: cannot read safetensors: {e}") from None
+
+
+def check_state_dict(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor],
+                     source: str) -> None:
+    """Raise :class:`CheckpointError` listing missing / unexpected keys and shape mismatches."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    shapes = [f"{k} {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in expected if k in got and tuple(got[k].shape) != tuple(expected[k].shape)]
+    if not (missing or unexpected or shapes):
+        return
+
+    def fmt(keys: list[str]) -> str:
+        return ", ".join(keys[:10]) + (f" ... (+{len(keys) - 10} more)" if len(keys) > 10 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {fmt(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {fmt(unexpected)}")
+    if shapes:
+        parts.append(f"shape mismatch: {fmt(shapes)}")
+    raise CheckpointError(f"{source}: weights do not match the model; " + "; ".join(parts))
+
+
+def load_weights(path: str | os.PathLike, model: nn.Module, which: Literal["ema", "model"] = "ema") -> Path:
+    """Load ``<which>.safetensors`` of a checkpoint into ``model`` strictly; returns the file read.
+
+    ``path`` may be a checkpoint dir, an inference export such as ``final/`` (only ``model.safetensors``,
+    which already holds the exported weights: ``which`` is then ignored) or a run directory (its latest
+    checkpoint).
+    """
+    ckpt = resolve_checkpoint(path)
+    is_export = not (ckpt / "state.pt").is_file()
+    if which == "ema" and is_export and not (ckpt / "ema.safetensors").is_file():
+        which = "model"
+    state = read_weights(ckpt, which)
+    file = ckpt / f"{which}.safetensors"
+    check_state_dict(model.state_dict(), state, str(file))
+    model.load_state_dict(state, strict=True)
+    return file
+
+
+def load_train_state(path: str | os.PathLike) -> dict[str, Any]:
+    """``state.pt`` of a checkpoint (loaded with ``weights_only=True``)."""
+    file = resolve_checkpoint(path) / "state.pt"
+    if not file.is_file():
+        raise CheckpointError(f"{file}: not found (an inference export has no training state)")
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file or foreign pickle content: one line, not a pickle traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{file}: cannot read training state: {first}") from None

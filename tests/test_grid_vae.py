@@ -52,7 +52,10 @@ def _occupancy(res: int) -> torch.Tensor:
 
 
 def _tiny(**kw) -> GridVAEConfig:
-    return from_preset("tiny", **{"resolution": 16, **kw})
+    """A small full-resolution (stem 1) config: three levels of (8, 16, 32) channels."""
+    base = dict(resolution=16, channels=(8, 16, 32), stem=1, num_res_blocks=1, num_res_blocks_middle=1,
+                loss="dice+bce")
+    return GridVAEConfig(**{**base, **kw})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -84,6 +87,25 @@ def test_shapes_per_level_tiny():
     assert got == exp_dec
     out, _ = m(x)
     assert out.shape == x.shape
+
+
+def test_space_to_channel_stem_is_lossless_and_shapes_match():
+    cfg = _tiny(resolution=32, stem=2)  # convs run at 16^3; factor 2 * 4 = 8 -> 4^3 latent
+    assert cfg.downsample_factor == 8 and cfg.latent_shape == (8, 4, 4, 4)
+    m = GridVAE(cfg)
+    assert m.encoder.input_layer.in_channels == 8 and m.decoder.out_layer[-1].out_channels == 8
+    x = _occupancy(32)[:2]
+    # the stem is pixel_unshuffle: the encoder input is exactly the rearranged grid
+    from shapeflow.nn.spatial import pixel_shuffle_3d
+
+    prepared = m._prepare(x)
+    assert prepared.shape == (2, 8, 16, 16, 16)
+    torch.testing.assert_close(pixel_shuffle_3d(prepared.contiguous(), 2), x)
+    out, post = m(x)
+    assert out.shape == x.shape and post.mean.shape == (2, *cfg.latent_shape)
+    for name in ("tiny", "tiny8", "sdf_tiny"):
+        c = from_preset(name)
+        assert c.stem == 2 and GridVAE(c).decode(torch.zeros(1, *c.latent_shape)).shape[2:] == (c.grid_size,) * 3
 
 
 def test_trellis_preset_shapes_and_sizes_on_meta():

@@ -20,7 +20,6 @@ true surface).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 
 from shapeflow import metrics
 from shapeflow.data import format as fmt
-from shapeflow.data.latents import vecset_surface
+from shapeflow.data.latents import _seed_of, vecset_surface
 from shapeflow.geometry.frame import BOUND
 
 log = logging.getLogger(__name__)
@@ -38,14 +37,11 @@ log = logging.getLogger(__name__)
 METRIC_KEYS = ("iou", "chamfer_l1", "f_score@1%", "normal_consistency", "encode_s", "decode_s")
 
 
-def _seed(oid: str) -> int:
-    return int.from_bytes(hashlib.sha256(oid.encode()).digest()[:8], "big") >> 1
-
-
 def encoder_input(vae, kind: str, obj_dir: Path, *, n_surface: int = 4096, n_sharp: int = 1024) -> torch.Tensor:
     """The encoder input of one preprocessed object, batched: (1, n, 7) surface or (1, 1, r, r, r) grid."""
     if kind == "vecset_vae":
-        return torch.from_numpy(vecset_surface(obj_dir, n_surface, n_sharp, _seed(obj_dir.name)))[None]
+        # the same deterministic input as `encode-latents` (seed 0), so stored latents reproduce
+        return torch.from_numpy(vecset_surface(obj_dir, n_surface, n_sharp, _seed_of(obj_dir.name, 0)))[None]
     name = "tsdf" if vae.cfg.input == "sdf" else "occ64"
     try:
         g = fmt.read_sample_file(obj_dir / fmt.SAMPLES_FILE, [name])[name]
@@ -98,7 +94,7 @@ def reconstruct_object(vae, kind: str, obj_dir: str | Path, *, resolution: int =
     x = encoder_input(vae, kind, obj_dir, n_surface=n_surface, n_sharp=n_sharp).to(p.device)
     t0 = time.perf_counter()
     if kind == "vecset_vae":
-        gen = torch.Generator().manual_seed(_seed(obj_dir.name) + 1)
+        gen = torch.Generator().manual_seed(_seed_of(obj_dir.name, 1))
         z = vae.encode(x, num_latents=num_latents, generator=gen).mode()
     else:
         z = vae.encode(x).mode()

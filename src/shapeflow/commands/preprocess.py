@@ -56,6 +56,10 @@ def register(subparsers) -> None:
                    help="also store a dense truncated SDF on an (R+1)^3 node grid (default: off)")
     p.add_argument("--tsdf-trunc", type=float, default=None, metavar="T",
                    help="TSDF truncation in canonical units (default: 2 TSDF voxels)")
+    p.add_argument("--render-views", type=int, default=0, metavar="N",
+                   help="also render N random RGBA views per object (image-conditioning data; default 0)")
+    p.add_argument("--render-size", type=int, default=_DEFAULT.render_size, metavar="PX",
+                   help=f"render size in pixels (default {_DEFAULT.render_size})")
     p.add_argument("--seed", type=int, default=0, help="sampling seed, combined with each object's id")
     p.add_argument("--timeout", type=float, default=900.0, metavar="S",
                    help="seconds per object before it is recorded as failed (default 900; 0 = none)")
@@ -77,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
         sdf_fractions=tuple(args.sdf_fractions),
         tsdf_res=args.tsdf_res,
         tsdf_trunc=args.tsdf_trunc,
+        render_views=args.render_views,
+        render_size=args.render_size,
         seed=args.seed,
     )
     summary = pp.preprocess_dataset(

@@ -25,6 +25,7 @@ def register(subparsers) -> None:
     p.add_argument("--resolution", type=int, default=256, metavar="R", help="decoding grid (VecSet; default 256)")
     p.add_argument("--decoder", choices=["dense", "hierarchical"], default="hierarchical")
     p.add_argument("--prep-resolution", type=int, default=256, metavar="R", help="watertight grid of the input")
+    p.add_argument("--points", type=int, default=100_000, metavar="N", help="surface samples per mesh for metrics")
     p.add_argument("--format", default="glb", choices=["glb", "obj", "ply"])
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     tsdf = dict(tsdf_res=vae.cfg.resolution, tsdf_trunc=vae.cfg.sdf_truncation) \
         if kind == "grid_vae" and vae.cfg.input == "sdf" else {}
     prep_cfg = PreprocessConfig(resolution=args.prep_resolution, surface_points=20_000, sharp_points=8_192,
-                                sdf_points=200_000, **tsdf)
+                                sdf_points=100_000, **tsdf)
     defaults = _vae_data_defaults(Path(args.ckpt))
     out = Path(args.out)
     results, failed = {}, 0
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         r = reconstruct_object(vae, kind, out / "prep" / rec["id"], resolution=args.resolution,
                                strategy=args.decoder, n_surface=int(defaults.get("n_surface", 4096)),
-                               n_sharp=int(defaults.get("n_sharp", 1024)))
+                               n_sharp=int(defaults.get("n_sharp", 1024)), n_points=args.points)
         m = r["metrics"]
         results[name] = {"source": str(mesh_path), "id": rec["id"], **m}
         if r["mesh"] is None:

@@ -31,6 +31,7 @@ def register(subparsers) -> None:
     p.add_argument("--classes", nargs="+", default=None, metavar="NAME",
                    help="subset of categories (default: all)")
     p.add_argument("--workers", type=int, default=1, metavar="N", help="parallel processes (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
 
@@ -43,5 +44,6 @@ def run(args: argparse.Namespace) -> int:
         decimate=args.decimate,
         classes=args.classes,
         workers=args.workers,
+        progress=not args.no_progress,
     )
     return 0

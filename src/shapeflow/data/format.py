@@ -6,6 +6,7 @@ Layout of a preprocessed dataset (``shapeflow preprocess INPUT OUT_DIR``)::
     OUT_DIR/config.json              the PreprocessConfig every object was made with
     OUT_DIR/<id>/samples.safetensors the arrays below
     OUT_DIR/<id>/watertight.ply      the watertight surface the samples were taken from (canonical frame)
+    OUT_DIR/<id>/views/NN.png        optional RGBA renders (image conditioning; cameras in meta.json)
     OUT_DIR/<id>/meta.json           written last: its presence marks the object complete
 
 ``<id>`` is the first 16 hex digits (64 bits) of the SHA-256 of the source file's bytes.
@@ -55,6 +56,8 @@ from shapeflow import fileio
 SAMPLES_FILE = "samples.safetensors"
 MESH_FILE = "watertight.ply"
 META_FILE = "meta.json"
+VIEWS_DIR = "views"
+"""Optional RGBA renders of the watertight mesh (``preprocess --render-views N``): ``views/00.png`` ..."""
 FORMAT_VERSION = 1
 
 OCC_RES = 64

@@ -64,6 +64,23 @@ def vecset_surface(obj_dir: Path, n_surface: int, n_sharp: int, seed: int) -> np
     return np.concatenate([a["surface_points"][idx], a["surface_normals"][idx], flag[:, None]], 1).astype(np.float32)
 
 
+def _weights_digest(vae_path: Path) -> str:
+    """SHA-256 of the VAE weights file that :func:`shapeflow.models.load_vae` reads (first 16 hex digits)."""
+    from shapeflow.models import _prefer_final
+    from shapeflow.train.checkpoint import resolve_checkpoint
+
+    p = Path(vae_path)
+    if p.is_dir():
+        p = resolve_checkpoint(_prefer_final(p)) / "model.safetensors"
+    elif not p.exists():  # a TRELLIS prefix
+        p = p.with_suffix(".safetensors")
+    h = hashlib.sha256()
+    with open(p, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 def _vae_data_defaults(vae_path: Path) -> dict:
     """The ``data`` section of the VAE's training config (encoder input counts), when it has one."""
     from shapeflow.models import _prefer_final
@@ -110,7 +127,8 @@ def encode_dataset(
         raise ValueError(f"{data_dir}: no preprocessed objects (status ok) to encode")
     mine = records[index::count]
     defaults = _vae_data_defaults(vae_path)
-    info = {"vae": str(vae_path), "kind": kind, "data_dir": str(data_dir), "seed": seed, "version": 1}
+    info = {"vae": str(vae_path), "vae_sha256": _weights_digest(vae_path), "kind": kind, "data_dir": str(data_dir),
+            "seed": seed, "version": 1}
     if kind == "vecset_vae":
         info["n_surface"] = int(n_surface or defaults.get("n_surface", 4096))
         info["n_sharp"] = int(n_sharp if n_sharp is not None else defaults.get("n_sharp", 1024))
@@ -123,8 +141,9 @@ def encode_dataset(
     info_path = out / INFO_FILE
     if info_path.is_file():
         old = json.loads(info_path.read_text())
-        keep = {k: v for k, v in old.items() if k != "data_dir"}
-        if keep != {k: v for k, v in info.items() if k != "data_dir"}:
+        same = ("vae", "data_dir")  # paths may be spelled differently; the weights' digest decides
+        keep = {k: v for k, v in old.items() if k not in same}
+        if keep != {k: v for k, v in info.items() if k not in same}:
             raise ValueError(f"{info_path}: folder was encoded with different settings ({old}); "
                              "use a new output folder")
     else:
@@ -199,11 +218,15 @@ class LatentDataset(Dataset):
     split : "train", "val" or "all"; the split is by id hash, as :class:`~shapeflow.data.datasets.ObjectFolder`.
     classes : class names (index = label) for class-conditional training; objects of other classes are
       left out. ``None``: no labels.
+    views_root : a preprocessed folder whose objects have rendered views (``preprocess --render-views``);
+      items then carry ``"image"``: one of the object's views, (H, W, 4) uint8, chosen at random.
     """
 
     def __init__(self, root: str | os.PathLike, *, split: str = "train", val_fraction: float = 0.1,
-                 split_seed: int = 0, classes: Sequence[str] | None = None, cache: bool = True):
+                 split_seed: int = 0, classes: Sequence[str] | None = None, cache: bool = True,
+                 views_root: str | os.PathLike | None = None):
         self.root = Path(root)
+        self.views_root = Path(views_root) if views_root else None
         if split not in ("train", "val", "all"):
             raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
         self.info = json.loads((self.root / INFO_FILE).read_text()) if (self.root / INFO_FILE).is_file() else {}
@@ -218,6 +241,11 @@ class LatentDataset(Dataset):
             recs = [r for r in recs if r["class"] in self.class_to_label]
         self.records = recs
         self._cache: dict[int, torch.Tensor] | None = {} if cache else None
+        if self.views_root is not None:
+            missing = [r["id"] for r in recs if not sorted((self.views_root / r["id"] / fmt.VIEWS_DIR).glob("*.png"))]
+            if missing:
+                raise ValueError(f"{self.views_root}: {len(missing)} object(s) have no rendered views (e.g. "
+                                 f"{missing[0]}); preprocess with --render-views N")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -235,6 +263,12 @@ class LatentDataset(Dataset):
         item = {"latent": self.latent(index), "id": rec["id"]}
         if self.class_to_label is not None:
             item["label"] = self.class_to_label[rec["class"]]
+        if self.views_root is not None:
+            from PIL import Image
+
+            views = sorted((self.views_root / rec["id"] / fmt.VIEWS_DIR).glob("*.png"))
+            pick = views[int(torch.randint(len(views), ()))]  # global RNG: seeded per item by the loop
+            item["image"] = torch.from_numpy(np.asarray(Image.open(pick).convert("RGBA")).copy())
         return item
 
     def stack(self) -> torch.Tensor:

@@ -90,6 +90,8 @@ class PreprocessConfig:
     near_sigmas: tuple[float, float] = (0.005, 0.05)  # Gaussian noise of the near groups (Hunyuan3D-2.1)
     tsdf_res: int | None = None  # dense truncated SDF with this many cells (None: skip)
     tsdf_trunc: float | None = None  # TSDF truncation in canonical units (None: 2 TSDF voxels)
+    render_views: int = 0  # RGBA renders of the watertight mesh per object (image-conditioning data)
+    render_size: int = 256  # pixels per side of those renders
     seed: int = 0  # combined with the object id for per-object randomness
 
     def __post_init__(self) -> None:
@@ -101,6 +103,8 @@ class PreprocessConfig:
             raise ValueError("surface_points must be >= 1")
         if len(self.sdf_fractions) != 3 or min(self.sdf_fractions) < 0 or not sum(self.sdf_fractions) > 0:
             raise ValueError(f"sdf_fractions must be 3 non-negative numbers, got {self.sdf_fractions}")
+        if self.render_views < 0 or self.render_size < 8:
+            raise ValueError("render_views must be >= 0 and render_size >= 8")
         if self.tsdf_res is not None and self.tsdf_res < 2:
             raise ValueError(f"tsdf_res must be >= 2, got {self.tsdf_res}")
 
@@ -352,6 +356,9 @@ def _process(path: Path, out_dir: Path, cfg: PreprocessConfig, oid: str, stats: 
     fmt.write_sample_file(obj_dir / fmt.SAMPLES_FILE, arrays)
     save_mesh(obj_dir / fmt.MESH_FILE, wt.vertices, wt.faces)
     lap("t_write")
+    if cfg.render_views:
+        meta_extra["views"] = _render_views(obj_dir, wt.vertices, wt.faces, cfg, int(rng.integers(2**31)))
+        lap("t_render")
     stats["seconds"] = round(time.perf_counter() - t0, 4)
     stats["cpu_seconds"] = round(time.process_time() - c0, 4)  # = wall time on an idle core
     peak = _peak_rss_mb()
@@ -372,6 +379,18 @@ def _process(path: Path, out_dir: Path, cfg: PreprocessConfig, oid: str, stats: 
     }
     fileio.write_json(obj_dir / fmt.META_FILE, meta)  # last: marks the object complete
     return result
+
+
+def _render_views(obj_dir: Path, v: np.ndarray, f: np.ndarray, cfg: PreprocessConfig, seed: int) -> dict:
+    """Random-view RGBA renders for image conditioning: ``<id>/views/<k>.png`` + cameras in meta.json."""
+    from shapeflow.render import render_views, save_png
+
+    images, cameras = render_views(v, f, cfg.render_views, cfg.render_size, seed=seed)
+    names = []
+    for k, img in enumerate(images):
+        names.append(f"{fmt.VIEWS_DIR}/{k:02d}.png")
+        save_png(obj_dir / names[-1], img)
+    return {"files": names, "cameras": cameras}
 
 
 def _peak_rss_mb() -> float | None:

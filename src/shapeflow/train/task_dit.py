@@ -14,8 +14,10 @@ with ``denormalize_latents``.
 
 Conditioning (``model.cond``): ``"none"``; ``"class"`` with ``data.classes`` naming the classes in label
 order (recorded in the checkpoint's config, so ``shapeflow generate --class NAME`` can map names), null
-class ``num_classes`` for classifier-free guidance; ``"image"`` is trained from a different data source
-(DINOv2 tokens of rendered views) and is not wired into this task yet.
+class ``num_classes`` for classifier-free guidance; ``"image"``: a random rendered view of the object
+(``data.image_root``, a folder preprocessed with ``--render-views``) is encoded by a frozen DINOv2
+(``data.image_encoder``: hub name or local directory; loaded once per process, no gradients) and its
+tokens are the cross-attention context (TRELLIS / Hunyuan3D); the null condition is all-zero tokens.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class LatentDataConfig:
     split_seed: int = 0  # seed of the id-hash split
     classes: tuple[str, ...] = ()  # class names in label order (class-conditional models); () = no labels
     normalization: str = "channel"  # latent normaliser fitted on the train split: channel|global|scale|none
+    image_root: str = ""  # image conditioning: preprocessed folder with rendered views (--render-views)
+    image_encoder: str = "facebook/dinov2-large"  # image conditioning: DINOv2 hub name or local directory
 
     def __post_init__(self):
         if self.normalization not in ("channel", "global", "scale", "none"):
@@ -57,10 +61,13 @@ def _datasets(cfg: "ExperimentConfig"):
             raise ValueError("a class-conditional DiT needs data.classes (class names in label order)")
         if len(d.classes) != m.num_classes:
             raise ValueError(f"data.classes has {len(d.classes)} names but model.num_classes is {m.num_classes}")
+    views = None
     if m.cond == "image":
-        raise ValueError("image-conditional DiT training is not supported by this task yet (use cond: class "
-                         "or none)")
-    common = dict(val_fraction=d.val_fraction, split_seed=d.split_seed, classes=classes)
+        if not d.image_root:
+            raise ValueError("an image-conditional DiT needs data.image_root (a folder preprocessed with "
+                             "--render-views)")
+        views = d.image_root
+    common = dict(val_fraction=d.val_fraction, split_seed=d.split_seed, classes=classes, views_root=views)
     train = LatentDataset(d.root, split="train", **common)
     if len(train) == 0:
         raise ValueError(f"{d.root}: no training latents")
@@ -95,7 +102,28 @@ def _build_model(cls):
     return build
 
 
+_ENCODERS: dict = {}
+
+
+def image_tokens(images: torch.Tensor, cfg: "ExperimentConfig") -> torch.Tensor:
+    """RGBA views ``(b, H, W, 4)`` uint8 -> frozen DINOv2 tokens ``(b, l, cond_dim)`` on their device."""
+    from shapeflow.models.conditioning import ImageConditioner
+
+    key = (cfg.data.image_encoder, str(images.device))
+    if key not in _ENCODERS:
+        enc = ImageConditioner.from_pretrained(cfg.data.image_encoder).to(images.device).eval()
+        if enc.cond_dim != cfg.model.cond_dim:
+            raise ValueError(f"{cfg.data.image_encoder}: gives {enc.cond_dim}-dim tokens, model.cond_dim is "
+                             f"{cfg.model.cond_dim}")
+        _ENCODERS[key] = enc
+    enc = _ENCODERS[key]
+    pixels = enc.preprocess([im.cpu().numpy() for im in images]).to(images.device)
+    return enc(pixels)
+
+
 def _cond(batch: dict, cfg: "ExperimentConfig"):
+    if cfg.model.cond == "image":
+        return image_tokens(batch["image"], cfg)
     return batch["label"] if cfg.model.cond == "class" else None
 
 

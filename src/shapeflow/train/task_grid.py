@@ -71,7 +71,8 @@ def validate(model: GridVAE, loader: Iterable, cfg: "ExperimentConfig") -> dict[
         b = x.shape[0]
         sums["iou"] = sums.get("iou", 0.0) + iou.sum().item()
         for k, v in logs.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * b
+            if k not in ("iou", "loss"):  # "iou" above is of the posterior mean; the loss's is of a sample
+                sums[k] = sums.get(k, 0.0) + float(v) * b
         n += b
     return {k: v / n for k, v in sums.items()}
 

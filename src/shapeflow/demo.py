@@ -256,30 +256,19 @@ def _eval_vae(out: Path, vae_dir: Path, cfg: DemoConfig, progress: bool) -> dict
 
 def _eval_generation(out: Path, classes: list[str], cfg: DemoConfig, progress: bool) -> dict:
     """COV / MMD / 1-NNA (Chamfer) per class: generated meshes vs fresh synthetic shapes (seed 1)."""
+    from shapeflow.evaluate import generation_eval
     from shapeflow.geometry.io import load_mesh
     from shapeflow.geometry.synth import generate_dataset
-    from shapeflow.metrics import generation_metrics, sample_surface
 
     ref_dir = out / "reference"
     generate_dataset(ref_dir, cfg.gen_per_class, seed=cfg.seed + 1, resolution=cfg.synth_resolution,
                      classes=classes, workers=cfg.workers, progress=progress)
-    n = cfg.metric_points
-    table, all_s, all_r = {}, [], []
+    refs = {c: [load_mesh(p) for p in sorted((ref_dir / c).glob("*.obj"))] for c in classes}
+    gens = {}
     for c in classes:
-        refs = [sample_surface(*load_mesh(p), n, seed=i)[0]
-                for i, p in enumerate(sorted((ref_dir / c).glob("*.obj")))]
-        gens = []
-        for k in range(cfg.gen_per_class):
-            p = out / "generated" / f"{c}_{k:02d}.glb"
-            if p.is_file():
-                gens.append(sample_surface(*load_mesh(p), n, seed=k)[0])
-            else:  # an empty sample still counts (as a far-away point cloud), so failures are penalised
-                gens.append(np.full((n, 3), 10.0))
-        table[c] = generation_metrics(np.stack(gens), np.stack(refs))
-        all_s += gens
-        all_r += refs
-    table["all"] = generation_metrics(np.stack(all_s), np.stack(all_r))
-    return table
+        paths = [out / "generated" / f"{c}_{k:02d}.glb" for k in range(cfg.gen_per_class)]
+        gens[c] = [load_mesh(p) if p.is_file() else None for p in paths]
+    return generation_eval(gens, refs, n_points=cfg.metric_points)
 
 
 def _markdown(r: dict) -> str:

@@ -67,6 +67,8 @@ class VecSetVAEConfig:
     latent_channels: int = 16  # channels per latent token: the width the DiT diffuses in
     width: int = 128  # transformer width of encoder, decoder and geometry decoder
     heads: int = 4  # attention heads (head channels = width / heads)
+    cross_heads: int | None = None  # heads of the two point<->token cross-attentions (None: heads;
+    #   3DShape2VecSet uses 1 full-width head there: sharper spatial lookups in a small model)
     encoder_layers: int = 2  # self-attention blocks after the Perceiver cross-attention
     decoder_layers: int = 4  # self-attention blocks on the latent tokens before the geometry decoder
     mlp_ratio: float = 4.0  # MLP hidden width / width in every block
@@ -189,8 +191,9 @@ def select_query_indices(surface: np.ndarray, num_latents: int, *, fps_ratio: in
 # ----------------------------------------------------------------------------------------------
 
 
-def _block_kwargs(cfg: VecSetVAEConfig) -> dict:
-    return dict(heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm,
+def _block_kwargs(cfg: VecSetVAEConfig, cross: bool = False) -> dict:
+    heads = cfg.cross_heads if (cross and cfg.cross_heads is not None) else cfg.heads
+    return dict(heads=heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm,
                 eps=cfg.block_eps)
 
 
@@ -200,7 +203,7 @@ class VecSetEncoder(nn.Module):
     def __init__(self, cfg: VecSetVAEConfig):
         super().__init__()
         self.input_proj = nn.Linear(cfg.fourier_dim + cfg.point_feats, cfg.width)
-        self.cross_attn = CrossAttentionBlock(cfg.width, **_block_kwargs(cfg))
+        self.cross_attn = CrossAttentionBlock(cfg.width, **_block_kwargs(cfg, cross=True))
         self.blocks = BlockStack([SelfAttentionBlock(cfg.width, **_block_kwargs(cfg))
                                   for _ in range(cfg.encoder_layers)])
         self.ln_post = nn.LayerNorm(cfg.width, eps=cfg.ln_post_eps)
@@ -231,7 +234,7 @@ class GeometryDecoder(nn.Module):
     def __init__(self, cfg: VecSetVAEConfig):
         super().__init__()
         self.query_proj = nn.Linear(cfg.fourier_dim, cfg.width)
-        self.cross_attn = CrossAttentionBlock(cfg.width, **_block_kwargs(cfg))
+        self.cross_attn = CrossAttentionBlock(cfg.width, **_block_kwargs(cfg, cross=True))
         self.ln_post = nn.LayerNorm(cfg.width, eps=cfg.ln_post_eps) if cfg.geo_ln_post else nn.Identity()
         self.output_proj = nn.Linear(cfg.width, 1)
 

@@ -1,0 +1,159 @@
+"""Generation quality and speed of trained generators (issue 5 sections 5 and 8).
+
+* ``quality``: for a class-conditional DiT + its VAE, ``--per-class`` shapes per class against the same
+  number of **fresh** synthetic shapes per class (``shapeflow synth`` with a seed never trained on):
+  COV, MMD and 1-NNA over Chamfer distances of 2048-point clouds (PointFlow protocol; 1-NNA ideal 50%),
+  per class and overall. Several generators (token path, grid path) can be given side by side.
+* ``sampler``: quality against the number of model evaluations: Euler / Heun / midpoint at several step
+  counts vs a many-step reference from the same noise; Chamfer-L1 and F-score@1% of the decoded shapes
+  against the reference's decoded shapes.
+* ``speed``: one shape sampled with 25 Euler steps and decoded at 128^3 (wall seconds, median of runs).
+
+Example::
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_generation.py quality \\
+        --gen token=runs/token_dit,runs/vecset_tiny --gen grid=runs/grid_dit,runs/grid_tiny --per-class 16
+    .venv/bin/python benchmarks/bench_generation.py sampler --gen token=runs/token_dit,runs/vecset_tiny
+    .venv/bin/python benchmarks/bench_generation.py speed --gen token=runs/token_dit,runs/vecset_tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _load(spec: str):
+    from shapeflow.generate import class_names
+    from shapeflow.models import load_dit, load_vae
+
+    name, _, paths = spec.partition("=")
+    dit_path, vae_path = paths.split(",")
+    dit, dit_kind = load_dit(dit_path)
+    vae, vae_kind = load_vae(vae_path)
+    return name, dict(dit=dit, vae=vae, dit_kind=dit_kind, vae_kind=vae_kind), class_names(dit_path)
+
+
+def quality(args) -> str:
+    from shapeflow.evaluate import generation_eval
+    from shapeflow.generate import generate
+    from shapeflow.geometry.io import load_mesh
+    from shapeflow.geometry.synth import generate_dataset
+
+    lines = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in args.gen:
+            name, pair, classes = _load(spec)
+            ref_dir = Path(tmp) / "ref"
+            generate_dataset(ref_dir, args.per_class, seed=args.ref_seed, classes=classes, progress=False)
+            refs = {c: [load_mesh(p) for p in sorted((ref_dir / c).glob("*.obj"))] for c in classes}
+            gens, t0 = {}, time.perf_counter()
+            for i, c in enumerate(classes):
+                cond = torch.full((args.per_class,), i, dtype=torch.long)
+                res = generate(**pair, num=args.per_class, cond=cond, steps=args.steps, cfg_scale=args.cfg,
+                               seed=1000 * (i + 1), resolution=args.resolution)
+                gens[c] = res.meshes
+            seconds = time.perf_counter() - t0
+            table = generation_eval(gens, refs, n_points=2048)
+            empty = sum(m is None for v in gens.values() for m in v)
+            lines.append(f"### {name} ({pair['dit_kind']} + {pair['vae_kind']}): {args.per_class} per class, "
+                         f"{args.steps} Euler steps, guidance {args.cfg}, decoded at {args.resolution}^3; "
+                         f"{empty} empty; {seconds:.0f} s\n")
+            lines.append("| class | COV | MMD-CD (x1e3) | 1-NNA |")
+            lines.append("|---|---|---|---|")
+            for c, m in table.items():
+                lines.append(f"| {c} | {100 * m['COV-CD']:.1f}% | {1e3 * m['MMD-CD']:.2f} | {100 * m['1-NNA-CD']:.1f}% |")
+            lines.append("")
+            if args.json:
+                Path(args.json).with_suffix(f".{name}.json").write_text(json.dumps(table, indent=1))
+    return "\n".join(lines)
+
+
+def sampler(args) -> str:
+    from shapeflow import metrics
+    from shapeflow.generate import decode_latents
+    from shapeflow.sampling import initial_noise, sample
+
+    lines = []
+    for spec in args.gen:
+        name, pair, classes = _load(spec)
+        dit, vae = pair["dit"], pair["vae"]
+        n = args.samples
+        from shapeflow.generate import latent_shape
+
+        shape = latent_shape(dit, vae, pair["dit_kind"])
+        noise = initial_noise((n, *shape), seed=list(range(n)))
+        cond = torch.arange(n) % max(1, len(classes)) if dit.config.cond == "class" else None
+
+        def run(method, steps):
+            x = sample(dit, noise, steps=steps, method=method, cond=cond)
+            return decode_latents(vae, pair["vae_kind"], dit.denormalize_latents(x), resolution=args.resolution)
+
+        ref = run("midpoint", 100)
+        lines.append(f"### {name}: {n} samples, reference = midpoint with 100 steps (200 evaluations)\n")
+        lines.append("| method | steps | evaluations | Chamfer-L1 to reference | F@1% to reference |")
+        lines.append("|---|---|---|---|---|")
+        for method in ("euler", "heun", "midpoint"):
+            for steps in args.steps_list:
+                if method != "euler" and steps > max(args.steps_list) // 2:
+                    continue
+                meshes = run(method, steps)
+                cds, fs = [], []
+                for m, r in zip(meshes, ref):
+                    if m is None or r is None:
+                        continue
+                    s = metrics.surface_metrics(m, r, n_points=20_000, fscore_thresholds=(0.01,))
+                    cds.append(s["chamfer_l1"])
+                    fs.append(s["f_score@1%"])
+                nfe = steps * (1 if method == "euler" else 2)
+                lines.append(f"| {method} | {steps} | {nfe} | {np.mean(cds):.4f} | {np.mean(fs):.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def speed(args) -> str:
+    from shapeflow.generate import generate
+
+    lines = []
+    for spec in args.gen:
+        name, pair, classes = _load(spec)
+        cond = torch.zeros(1, dtype=torch.long) if pair["dit"].config.cond == "class" else None
+        times = []
+        for k in range(args.repeats + 1):
+            t0 = time.perf_counter()
+            generate(**pair, num=1, cond=cond, steps=25, seed=k, resolution=128)
+            if k:  # the first call warms up
+                times.append(time.perf_counter() - t0)
+        lines.append(f"{name}: one shape, 25 Euler steps, decoded at 128^3: median {statistics.median(times):.2f} s "
+                     f"(runs: {', '.join(f'{t:.2f}' for t in times)}; torch threads {torch.get_num_threads()})")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("part", choices=["quality", "sampler", "speed"])
+    ap.add_argument("--gen", action="append", required=True, metavar="NAME=DIT,VAE")
+    ap.add_argument("--per-class", type=int, default=16)
+    ap.add_argument("--ref-seed", type=int, default=1, help="seed of the fresh reference shapes (training used 0)")
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--steps-list", type=int, nargs="+", default=[2, 4, 8, 16, 32])
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--cfg", type=float, default=2.0)
+    ap.add_argument("--resolution", type=int, default=96)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    print({"quality": quality, "sampler": sampler, "speed": speed}[args.part](args))
+    print(f"\n({time.perf_counter() - t0:.0f} s, torch threads {torch.get_num_threads()})")
+
+
+if __name__ == "__main__":
+    main()

@@ -44,9 +44,9 @@ class DemoConfig:
     sharp_points: int = 4_096  # sharp-edge samples per object
     sdf_points: int = 65_536  # SDF samples per object
     real_resolution: int = 256  # watertight grid for the real meshes
-    vae_steps: int = 1500
+    vae_steps: int = 1000
     vae_batch: int = 8
-    dit_steps: int = 2000
+    dit_steps: int = 1000
     dit_batch: int = 32
     gen_per_class: int = 8  # generated shapes per class (= fresh reference shapes per class)
     gen_steps: int = 25  # Euler steps

@@ -467,6 +467,22 @@ def test_generate_cli_class_choice(root, token_dit_run, vecset_run, capsys):
     assert_one_line_error(capsys, "generate", "--class", "chair, mug")
 
 
+def test_generate_cli_uses_the_shipped_checkpoints(tmp_path):
+    """Without --dit/--vae, generate loads the tiny checkpoints shipped in the package and writes meshes."""
+    from shapeflow.generate import DEFAULT_DIT, DEFAULT_VAE, class_names
+    from shapeflow.geometry.io import load_mesh
+    from shapeflow.geometry.synth import CATEGORIES
+
+    assert (DEFAULT_DIT / "model.safetensors").is_file() and (DEFAULT_VAE / "model.safetensors").is_file()
+    assert class_names(DEFAULT_DIT) == list(CATEGORIES)
+    out = tmp_path / "shipped"
+    assert sf("generate", "--class", "table", "--num", 1, "--steps", 4, "--resolution", 32, "--out", out) == 0
+    meta = json.loads((out / "generate.json").read_text())
+    assert meta["labels"] == ["table"] and meta["files"][0].endswith(".glb")
+    v, f = load_mesh(out / meta["files"][0])
+    assert len(f) > 100 and np.abs(v).max() <= 1.0 + 2.0 / 32 + 1e-6
+
+
 def test_generate_cli_image_conditioned_offline(root, vecset_run, tmp_path):
     from PIL import Image
     from transformers import Dinov2Config, Dinov2Model

@@ -42,17 +42,17 @@ class DemoConfig:
     prep_resolution: int = 128  # watertight grid of preprocessing
     surface_points: int = 16_384  # uniform surface samples per object
     sharp_points: int = 4_096  # sharp-edge samples per object
-    sdf_points: int = 65_536  # SDF samples per object
+    sdf_points: int = 32_768  # SDF samples per object
     real_resolution: int = 256  # watertight grid for the real meshes
-    vae_steps: int = 1000
+    vae_steps: int = 900
     vae_batch: int = 8
-    dit_steps: int = 1000
+    dit_steps: int = 700
     dit_batch: int = 32
     gen_per_class: int = 8  # generated shapes per class (= fresh reference shapes per class)
     gen_steps: int = 25  # Euler steps
-    gen_resolution: int = 96  # marching-cubes grid of generated shapes
+    gen_resolution: int = 64  # marching-cubes grid of generated shapes
     cfg_scale: float = 2.0  # classifier-free guidance scale
-    eval_objects: int = 16  # held-out objects for the VAE metrics
+    eval_objects: int = 8  # held-out objects for the VAE metrics
     metric_points: int = 2048  # points per cloud for COV / MMD / 1-NNA (PointFlow protocol)
     workers: int = 2
     seed: int = 0

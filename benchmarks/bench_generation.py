@@ -41,6 +41,13 @@ def _load(spec: str):
     return name, dict(dit=dit, vae=vae, dit_kind=dit_kind, vae_kind=vae_kind), class_names(dit_path)
 
 
+def _res(pair: dict, resolution: int) -> str:
+    """The decoding grid of a generator pair: VecSet VAEs use ``resolution``, grid VAEs their own grid."""
+    if pair["vae_kind"] == "vecset_vae":
+        return f"{resolution}^3"
+    return f"{pair['vae'].cfg.resolution}^3 (the grid VAE's own grid)"
+
+
 def quality(args) -> str:
     from shapeflow.evaluate import generation_eval
     from shapeflow.generate import generate
@@ -64,7 +71,7 @@ def quality(args) -> str:
             table = generation_eval(gens, refs, n_points=2048)
             empty = sum(m is None for v in gens.values() for m in v)
             lines.append(f"### {name} ({pair['dit_kind']} + {pair['vae_kind']}): {args.per_class} per class, "
-                         f"{args.steps} Euler steps, guidance {args.cfg}, decoded at {args.resolution}^3; "
+                         f"{args.steps} Euler steps, guidance {args.cfg}, decoded at {_res(pair, args.resolution)}; "
                          f"{empty} empty; {seconds:.0f} s\n")
             lines.append("| class | COV | MMD-CD (x1e3) | 1-NNA |")
             lines.append("|---|---|---|---|")
@@ -131,7 +138,7 @@ def speed(args) -> str:
             generate(**pair, num=1, cond=cond, steps=25, seed=k, resolution=128)
             if k:  # the first call warms up
                 times.append(time.perf_counter() - t0)
-        lines.append(f"{name}: one shape, 25 Euler steps, decoded at 128^3: median {statistics.median(times):.2f} s "
+        lines.append(f"{name}: one shape, 25 Euler steps, decoded at {_res(pair, 128)}: median {statistics.median(times):.2f} s "
                      f"(runs: {', '.join(f'{t:.2f}' for t in times)}; torch threads {torch.get_num_threads()})")
     return "\n".join(lines)
 

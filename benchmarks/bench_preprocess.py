@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _report import write_section  # benchmarks/ is sys.path[0] when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MESH = ROOT.parent / "shared" / "meshes" / "lucy.ply"
 SECTION = "bench_preprocess"
@@ -292,20 +294,6 @@ def bench_fps(mesh_path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
-
-
-def write_section(path: Path, key: str, text: str) -> None:
-    """Replace (or append) the block between ``<!-- key:start -->`` and ``<!-- key:end -->``."""
-    from shapeflow import fileio
-
-    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
-    block = f"{start}\n{text.rstrip()}\n{end}\n"
-    old = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n\n"
-    if start in old and end in old:
-        new = old[: old.index(start)] + block + old[old.index(end) + len(end) + 1:]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block
-    fileio.write_text(path, new)
 
 
 def main(argv: list[str] | None = None) -> int:

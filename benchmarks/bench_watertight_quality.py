@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _report import write_section  # benchmarks/ is sys.path[0] when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MESHES = ROOT.parent / "shared" / "meshes"
 SECTION = "bench_watertight_quality"
@@ -63,20 +65,6 @@ def evaluate(path: Path, resolution: int, n_points: int, eps_voxels: float) -> d
         "p1": s["precision@1%"], "r1": s["recall@1%"], "eps": r.stats["eps"],
         "miss": float(miss.mean()), "miss_inside": inside_share, "max_out": float(sd.max()),
     }
-
-
-def write_section(path: Path, key: str, text: str) -> None:
-    """Replace (or append) the block between ``<!-- key:start -->`` and ``<!-- key:end -->``."""
-    from shapeflow import fileio
-
-    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
-    block = f"{start}\n{text.rstrip()}\n{end}\n"
-    old = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n\n"
-    if start in old and end in old:
-        new = old[: old.index(start)] + block + old[old.index(end) + len(end) + 1:]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block
-    fileio.write_text(path, new)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -255,7 +255,7 @@ def test_loads_engine_style_config_and_rejects_other_kinds(tmp_path):
     with pytest.raises(ValueError, match="unknown GridVAEConfig keys: \\['bogus'\\]"):
         GridVAE.from_pretrained(tmp_path / "a")
     (tmp_path / "a" / "config.json").write_text(json.dumps({**m.cfg.to_dict(), "latent_channels": 4}))
-    with pytest.raises(ValueError, match="shape mismatches"):
+    with pytest.raises(ValueError, match="shape mismatch: "):
         GridVAE.from_pretrained(tmp_path / "a")
     with pytest.raises(FileNotFoundError):
         GridVAE.from_pretrained(tmp_path / "nothing_here")
@@ -463,9 +463,9 @@ def test_trellis_loader_lists_missing_unexpected_and_misshaped_keys(tmp_path):
         GridVAE.from_pretrained(tmp_path / "ss_enc_conv3d_test")
     msg = str(err.value)
     assert "ss_enc_conv3d_test.safetensors" in msg
-    assert "missing keys (1): ['blocks.3.norm2.bias']" in msg
-    assert "unexpected keys (1): ['blocks.99.conv.weight']" in msg
-    assert "out_layer.2.bias: checkpoint (7,) vs model (6,)" in msg
+    assert "missing keys: blocks.3.norm2.bias;" in msg
+    assert "unexpected keys: blocks.99.conv.weight;" in msg
+    assert "shape mismatch: out_layer.2.bias (7,) vs model (6,)" in msg
     # config-level errors
     enc_name, enc_cls = "ss_enc_conv3d_test", "SparseStructureEncoder"
     _write_trellis(tmp_path, enc_name, enc_cls, {**ENC_ARGS, "norm_type": "group"}, enc)

@@ -56,6 +56,7 @@ from torch.utils.checkpoint import checkpoint
 from shapeflow.geometry.frame import BOUND
 from shapeflow.models.distributions import DiagonalGaussian
 from shapeflow.nn.spatial import pixel_shuffle_3d, pixel_unshuffle_3d
+from shapeflow.train.checkpoint import load_state_dict_strict
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,6 @@ __all__ = [
     "GridVAE",
     "grid_to_field",
     "grid_to_mesh",
-    "load_state_dict_strict",
 ]
 
 NORMS = ("layer", "group")
@@ -625,32 +625,6 @@ def _config_from_json(path: Path) -> GridVAEConfig:
         return GridVAEConfig.from_dict(d)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None
-
-
-def load_state_dict_strict(module: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
-    """Copy ``state`` into ``module`` (cast to the parameter dtype), or raise listing every mismatch.
-
-    Missing keys, unexpected keys and shape mismatches are collected and reported together in one
-    ``ValueError`` naming ``source``; nothing is loaded in that case.
-    """
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state)
-        if tuple(state[k].shape) != tuple(own[k].shape)
-    )
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {missing}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
-        if shapes:
-            parts.append(f"shape mismatches ({len(shapes)}): {shapes}")
-        raise ValueError(f"{source}: state dict does not match the model; " + "; ".join(parts))
-    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -269,11 +269,16 @@ def read_weights(path: str | os.PathLike,
 
 
 def check_state_dict(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor],
-                     source: str) -> None:
-    """Raise :class:`CheckpointError` listing missing / unexpected keys and shape mismatches."""
+                     source: str, *, names: Mapping[str, str] | None = None) -> None:
+    """Raise :class:`CheckpointError` listing missing / unexpected keys and shape mismatches.
+
+    ``names`` maps keys of ``got`` back to the names they had in the source file (converted foreign
+    checkpoints), so the message speaks the file's language.
+    """
+    names = names or {}
     missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    shapes = [f"{k} {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
+    unexpected = sorted(names.get(k, k) for k in set(got) - set(expected))
+    shapes = [f"{names.get(k, k)} {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
               for k in expected if k in got and tuple(got[k].shape) != tuple(expected[k].shape)]
     if not (missing or unexpected or shapes):
         return
@@ -291,6 +296,15 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], got: Mapping[str, tor
     raise CheckpointError(f"{source}: weights do not match the model; " + "; ".join(parts))
 
 
+def load_state_dict_strict(module: nn.Module, state: Mapping[str, torch.Tensor], *, source: str,
+                           names: Mapping[str, str] | None = None) -> None:
+    """Copy ``state`` into ``module`` (cast to its dtypes, e.g. fp16 release files), or raise
+    :class:`CheckpointError` listing every mismatch (:func:`check_state_dict`); nothing is loaded then."""
+    own = module.state_dict()
+    check_state_dict(own, state, source, names=names)
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+
+
 def load_weights(path: str | os.PathLike, model: nn.Module, which: Literal["ema", "model"] = "ema") -> Path:
     """Load ``<which>.safetensors`` of a checkpoint into ``model`` strictly; returns the file read.
 
@@ -304,8 +318,7 @@ def load_weights(path: str | os.PathLike, model: nn.Module, which: Literal["ema"
         which = "model"
     state = read_weights(ckpt, which)
     file = ckpt / f"{which}.safetensors"
-    check_state_dict(model.state_dict(), state, str(file))
-    model.load_state_dict(state, strict=True)
+    load_state_dict_strict(model, state, source=str(file))
     return file
 
 

@@ -21,10 +21,10 @@ from pathlib import Path
 from shapeflow.models.pretrained.hunyuan_vae import (
     is_hunyuan_state_dict,
     load_hunyuan_vae,
-    load_state_dict_strict,
     read_state_dict,
 )
 from shapeflow.models.vecset_vae import PRESETS, VecSetVAE, VecSetVAEConfig
+from shapeflow.train.checkpoint import load_state_dict_strict
 
 log = logging.getLogger(__name__)
 

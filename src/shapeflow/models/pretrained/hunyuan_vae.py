@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from shapeflow.models.vecset_vae import VecSetVAE, VecSetVAEConfig
+from shapeflow.train.checkpoint import load_state_dict_strict
 
 log = logging.getLogger(__name__)
 
@@ -167,28 +168,6 @@ def convert_hunyuan_state_dict(state_dict: dict, cfg: VecSetVAEConfig) -> dict[s
             t = -t
         out[rename_key(key)] = t.contiguous()
     return out
-
-
-def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, *, source: str = "checkpoint",
-                           names: dict[str, str] | None = None) -> None:
-    """``model.load_state_dict(strict=True)`` with an error that lists every missing / unexpected key
-    and every shape mismatch. ``names`` maps our keys back to the source's names for the message."""
-    expected = model.state_dict()
-    names = names or {}
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(names.get(k, k) for k in set(state_dict) - set(expected))
-    shapes = sorted(f"{names.get(k, k)}: {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-                    for k in set(state_dict) & set(expected) if state_dict[k].shape != expected[k].shape)
-    problems = []
-    if missing:
-        problems.append(f"missing keys {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys {unexpected}")
-    if shapes:
-        problems.append(f"shape mismatches {shapes}")
-    if problems:
-        raise ValueError(f"{source}: cannot load into {type(model).__name__}: " + "; ".join(problems))
-    model.load_state_dict(state_dict, strict=True)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from shapeflow.models.grid_vae import GridVAE, GridVAEConfig, load_state_dict_strict
+from shapeflow.models.grid_vae import GridVAE, GridVAEConfig
+from shapeflow.train.checkpoint import load_state_dict_strict
 
 __all__ = ["ENCODER_NAME", "DECODER_NAME", "read_trellis_checkpoint", "config_from_trellis_args",
            "load_trellis_ss_vae"]

@@ -12,13 +12,15 @@ and how spread the geometry decoder's cross-attention is (entropy vs the uniform
         --model '{"include_pi": true}' --diagnose
 
 Variants: ``--model`` / ``--loss`` take JSON overrides of :class:`VecSetVAEConfig` /
-:class:`VecSetLossConfig`; ``--dilate D --dilate-steps S`` trains on the offset surface ``sdf = D``
+:class:`VecSetLossConfig`; ``--mean-steps N`` decodes the posterior mean for the first N steps, then samples;
+``--dilate D --dilate-steps S`` trains on the offset surface ``sdf = D``
 shrinking linearly to 0 over S steps (a coarse-to-fine curriculum). Results: BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -100,6 +102,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--queries", type=int, default=2048)
     ap.add_argument("--fractions", default="0.5,0.1,0.4", help="uniform, near fine, near coarse")
+    ap.add_argument("--mean-steps", type=int, default=0,
+                    help="decode the posterior mean (no sampling) for the first N steps")
     ap.add_argument("--dilate", type=float, default=0.0)
     ap.add_argument("--dilate-steps", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=600)
@@ -119,6 +123,7 @@ def main() -> None:
     model = VecSetVAE(from_preset("tiny", **json.loads(args.model)))
     loss_cfg = VecSetLossConfig(**{"kind": "occupancy", "group_weights": (1.0, 1.0, 1.0), "kl_weight": 1e-3,
                                    **json.loads(args.loss)})
+    mean_cfg = dataclasses.replace(loss_cfg, sample_posterior=False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
 
     def lr_at(step: int) -> float:
@@ -139,7 +144,7 @@ def main() -> None:
             delta = args.dilate * max(0.0, 1.0 - step / args.dilate_steps)
             if delta > 0:
                 batch = dict(batch, sdf=batch["sdf"] - delta)
-            loss, _ = vecset_vae_loss(model, batch, loss_cfg)
+            loss, _ = vecset_vae_loss(model, batch, mean_cfg if step < args.mean_steps else loss_cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -11,6 +11,8 @@ and how spread the geometry decoder's cross-attention is (entropy vs the uniform
     python benchmarks/bench_vecset_short_runs.py data/prep --name bs2 --batch 2 --lr 1e-3 --steps 2400
     python benchmarks/bench_vecset_short_runs.py data/prep --name pi --batch 2 --lr 1e-3 --steps 2400 \\
         --model '{"include_pi": true}' --diagnose
+    python benchmarks/bench_vecset_short_runs.py data/prep --name posbias --batch 8 --lr 2e-3 --steps 600 \\
+        --model '{"position_bias": true}' --diagnose
 
 Variants: ``--model`` / ``--loss`` take JSON overrides of :class:`VecSetVAEConfig` /
 :class:`VecSetLossConfig`; ``--mean-steps N`` decodes the posterior mean for the first N steps, then samples;
@@ -80,10 +82,14 @@ def diagnose(model: VecSetVAE, batch: dict) -> dict[str, float]:
     sdf = batch["sdf"]
     gt_swapped = float(np.mean([_iou(sdf.roll(1, 0)[i][uni[i]] < 0, sdf[i][uni[i]] < 0)
                                 for i in range(len(sdf))]))
-    ca = model.geo_decoder.cross_attn
-    k, _ = ca.context_kv(tokens)
-    q = ca.queries(model.geo_decoder.query_proj(model.fourier(batch["points"])))
-    attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)  # (b, h, q, m)
+    geo = model.geo_decoder
+    k, _, pos = geo.context(tokens)
+    q = geo.cross_attn.queries(geo.query_proj(model.fourier(batch["points"])))
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (b, h, q, m)
+    if pos is not None:  # position-bias models: the distance penalty is part of the logits
+        d2 = torch.cdist(batch["points"], pos)[:, None] ** 2  # (b, 1, q, m)
+        logits = logits - geo.pos_log_weight.exp()[None, :, None, None] * d2
+    attn = torch.softmax(logits, dim=-1)
     entropy = -(attn * attn.clamp_min(1e-12).log()).sum(-1).mean().item()
     return {"iou_own": iou_with(tokens), "iou_other_shapes_tokens": iou_with(tokens.roll(1, 0)),
             "iou_gt_vs_other_gt": gt_swapped,

@@ -101,11 +101,11 @@ def test_decode_field_rejects_unknown_strategy():
         decode_field(torus, 8, strategy="octree")
 
 
-@pytest.fixture(scope="module")
-def tiny_vae():
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "position_bias"])
+def tiny_vae(request):
     torch.manual_seed(0)
     model = VecSetVAE(from_preset("tiny", num_latents=32, latent_channels=8, width=32, heads=2,
-                                  encoder_layers=1, decoder_layers=1)).eval()
+                                  encoder_layers=1, decoder_layers=1, position_bias=request.param)).eval()
     torch.nn.init.normal_(model.geo_decoder.output_proj.weight, std=0.05)
     return model
 
@@ -155,8 +155,16 @@ def test_topk_selection_and_region_bucketing(tiny_vae):
     q[..., 0] = 1.0
     k = torch.tensor([[[[0.1, 0.0], [3.0, 0.0], [-1.0, 0.0], [2.0, 5.0]]]])
     v = torch.arange(4.0).view(1, 1, 4, 1).expand(1, 1, 4, 2)
-    ks, vs = select_topk_kv(q, k, v, 2, stride=1)
-    assert sorted(vs[0, 0, :, 0].tolist()) == [1.0, 3.0]
+    ks, vs, none = select_topk_kv(q, k, v, 2, stride=1)
+    assert sorted(vs[0, 0, :, 0].tolist()) == [1.0, 3.0] and none is None
+    # an additive logit bias counts in the score and comes back gathered to the kept keys
+    bias = torch.zeros(1, 1, 4, 4)
+    bias[..., 2] = 10.0
+    bias[0, 0, :, 1] = torch.arange(4.0) - 9.0  # key 1 loses its lead; its per-query values must follow it
+    ks, vs, kept = select_topk_kv(q, k, v, 2, stride=1, bias=bias)
+    order = vs[0, 0, :, 0].long().tolist()
+    assert sorted(order) == [2, 3]
+    torch.testing.assert_close(kept[0, 0], bias[0, 0][:, order])
     # with topk = all tokens the bucketed path must return the plain values in the original order
     with torch.no_grad():
         tokens = tiny_vae.decode(torch.randn(1, 32, 8, generator=torch.Generator().manual_seed(2)))

@@ -27,6 +27,7 @@ from shapeflow.models.vecset_vae import (
     from_preset,
     select_query_indices,
 )
+from shapeflow.nn.blocks import attention_with_distance_penalty, distance_bias
 from shapeflow.nn.embeddings import FourierEmbedder
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,7 +40,9 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-TINY = dict(num_latents=16, latent_channels=4, width=32, heads=2, encoder_layers=1, decoder_layers=1)
+# the public-checkpoint layout (no position bias) unless a test asks for it
+TINY = dict(num_latents=16, latent_channels=4, width=32, heads=2, encoder_layers=1, decoder_layers=1,
+            position_bias=False)
 
 
 def tiny_model(seed: int = 0, **overrides) -> VecSetVAE:
@@ -89,6 +92,7 @@ def test_presets_and_config_validation():
     assert (large.fourier_dim, large.point_feats) == (51, 4)
     assert large.qk_norm == "layer" and not large.qkv_bias and not large.include_pi
     assert set(PRESETS) == {"tiny", "base", "large"}
+    assert from_preset("tiny").position_bias and not large.position_bias and not from_preset("base").position_bias
     with pytest.raises(ValueError, match="not divisible"):
         VecSetVAEConfig(width=30, heads=4)
     with pytest.raises(ValueError, match="unknown VecSetVAEConfig field"):
@@ -296,13 +300,107 @@ def test_overfits_one_batch():
 
 
 # ---------------------------------------------------------------------------------------------
+# Position-biased geometry decoder
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_position_bias_is_a_distance_penalty_on_the_logits():
+    m = tiny_model(position_bias=True).eval()
+    geo = m.geo_decoder
+    torch.nn.init.normal_(geo.output_proj.weight)
+    torch.nn.init.normal_(geo.pos_head[1].weight, std=0.3)
+    # initial length scales 0.05 .. 0.4 over the heads: w = 1 / (2 s^2)
+    torch.testing.assert_close(geo.pos_log_weight.exp(), torch.tensor([200.0, 3.125]))
+    tokens = m.decode(torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(1)))
+    pts = torch.rand(2, 50, 3, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    # by hand: softmax(q.k / sqrt(d) - w_h |x - p_j|^2) with p = pos_head(tokens)
+    ca = geo.cross_attn
+    k, v = ca.context_kv(tokens)
+    x = geo.query_proj(m.fourier(pts))
+    q = ca.queries(x)
+    pos = geo.pos_head(tokens)
+    d2 = ((pts[:, :, None] - pos[:, None]) ** 2).sum(-1)  # (b, q, m)
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    logits = logits - geo.pos_log_weight.exp()[:, None, None] * d2[:, None]
+    att = (logits.softmax(-1) @ v).transpose(1, 2).reshape(2, 50, -1)
+    h = x + ca.attn.to_out(att)
+    h = h + ca.mlp(ca.ln_3(h))
+    expected = geo.output_proj(geo.ln_post(h)).squeeze(-1)
+    torch.testing.assert_close(m.query(pts, tokens), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(m.query(pts, tokens, chunk_size=7), expected, rtol=1e-4, atol=1e-5)
+    # a very sharp penalty makes a query see only its nearest token: moving a far token changes nothing
+    geo.pos_log_weight.fill_(math.log(1e4))
+    near = pos[0, 3] + 0.01  # next to token 3
+    far = (pos[0] - near).norm(dim=-1).argmax()
+    before = m.query(near[None, None], tokens[:1])
+    moved = tokens.clone()
+    moved[0, far] += torch.randn(tokens.shape[-1], generator=torch.Generator().manual_seed(3))
+    assert (m.geo_decoder.pos_head(moved[:1])[0, far] - near).norm() > 0.5  # still far after moving
+    torch.testing.assert_close(m.query(near[None, None], moved[:1]), before, rtol=0, atol=1e-5)
+    assert not hasattr(tiny_model().geo_decoder, "pos_head")  # off by default (public checkpoints)
+
+
+@pytest.mark.parametrize("d", [32, 5])
+def test_distance_penalty_channels_equal_the_explicit_mask(d):
+    # float32 takes the extra-channel path, float64 the explicit (b, h, n, m) mask: they must agree,
+    # with and without padding to a multiple of 8 channels, in values and in gradients
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, d, generator=g) for n in (40, 12, 12))
+    xq, xk = torch.rand(2, 40, 3, generator=g) * 2 - 1, torch.rand(2, 12, 3, generator=g) * 2 - 1
+    w = torch.tensor([200.0, 12.0, 0.5])
+    outs, grads = [], []
+    for dtype in (torch.float32, torch.float64):
+        args = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v, xq, xk, w)]
+        out = attention_with_distance_penalty(*args)
+        out.square().sum().backward()
+        outs.append(out.double())
+        grads.append([a.grad.double() for a in args])
+    # the extra channels carry logits of size ~w = 200 before cancellation: float32 keeps ~1e-5 of them
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-3, atol=2e-4)
+    for a, b in zip(*grads):  # within 1 % of each gradient's largest entry
+        assert (a - b).abs().max() <= 1e-2 * b.abs().max()
+    logits = q.double() @ k.double().transpose(-1, -2) / math.sqrt(d) + distance_bias(xq, xk, w).double()
+    torch.testing.assert_close(outs[1], logits.softmax(-1) @ v.double(), rtol=1e-9, atol=1e-9)
+
+
+def test_position_bias_loss_term_and_gradients():
+    batch = sphere_batch()
+    m = tiny_model(position_bias=True)
+    torch.nn.init.normal_(m.geo_decoder.output_proj.weight, std=0.1)
+    totals = {}
+    for w in (0.0, 2.5):
+        cfg = VecSetLossConfig(kind="occupancy", position_weight=w)
+        loss, logs = vecset_vae_loss(m, batch, cfg, generator=torch.Generator().manual_seed(0))
+        totals[w] = (loss, logs)
+    (l0, logs0), (l1, logs1) = totals[0.0], totals[2.5]
+    assert logs1["position"] == pytest.approx(logs0["position"]) and logs1["position"] > 0
+    assert logs1["loss"] == pytest.approx(logs0["loss"] + 2.5 * logs1["position"], rel=1e-6)
+    # the term is the mean squared distance between the read positions and the tokens' FPS points
+    out = m(batch["surface"], batch["points"], generator=torch.Generator().manual_seed(0))
+    idx = m.select_queries(batch["surface"], generator=torch.Generator().manual_seed(0))
+    fps_points = batch["surface"][..., :3].gather(1, idx[..., None].expand(-1, -1, 3))
+    torch.testing.assert_close(out["token_xyz"], fps_points)
+    expected = (out["token_xyz_pred"] - out["token_xyz"]).square().sum(-1).mean().item()
+    assert logs1["position"] == pytest.approx(expected, rel=1e-5)
+    l1.backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert m.geo_decoder.pos_log_weight.grad.abs().sum() > 0
+    assert m.geo_decoder.pos_head[1].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="position_weight"):
+        VecSetLossConfig(position_weight=-1.0)
+
+
+# ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def test_save_load_identical_outputs(tmp_path):
-    m, batch = tiny_model().eval(), sphere_batch()
+@pytest.mark.parametrize("position_bias", [False, True])
+def test_save_load_identical_outputs(tmp_path, position_bias):
+    m, batch = tiny_model(position_bias=position_bias).eval(), sphere_batch()
     torch.nn.init.normal_(m.geo_decoder.output_proj.weight)
     m.save_pretrained(tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]

@@ -36,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Flush float32 denormals to zero, before torch starts its CPU thread pool (the workers inherit the
+    # setting from this thread). Softmax over far-apart logits (the position-biased VecSet decoder)
+    # otherwise produces denormals, which cost the CPU tens of times a normal multiply (BENCHMARKS.md).
+    import torch
+
+    torch.set_flush_denormal(True)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -113,7 +113,7 @@ class VecSetField:
                              f"got {tuple(tokens.shape)}")
         self.model, self.tokens = model, tokens
         with torch.no_grad():
-            self.kv = model.geo_decoder.cross_attn.context_kv(tokens)  # projected once per shape
+            self.context = model.geo_decoder.context(tokens)  # projected once per shape
         self.topk, self.regions, self.topk_stride, self.bound = topk, regions, topk_stride, bound
 
     @torch.no_grad()
@@ -122,7 +122,7 @@ class VecSetField:
         model = self.model
         pts = points.to(self.tokens.device, self.tokens.dtype)
         if self.topk is None:
-            return model.geo_decoder(model.fourier(pts[None]), self.kv)[0]
+            return model.query_context(pts[None], self.context)[0]
         g = self.regions
         cell = ((pts + self.bound) / (2 * self.bound) * g).long().clamp_(0, g - 1)  # (n, 3)
         region = (cell[:, 0] * g + cell[:, 1]) * g + cell[:, 2]  # (n,)
@@ -133,8 +133,8 @@ class VecSetField:
         for c in counts:
             if c:
                 idx = order[start:start + c]
-                out[idx] = model.geo_decoder(model.fourier(pts[idx][None]), self.kv, topk=self.topk,
-                                             topk_stride=self.topk_stride)[0]
+                out[idx] = model.query_context(pts[idx][None], self.context, topk=self.topk,
+                                               topk_stride=self.topk_stride)[0]
                 start += c
         return out
 

@@ -24,6 +24,9 @@ Terms
   on query points inside the linear band ``|sdf| < tau`` (all points when ``truncation=None``).
 * ``surface`` (optional): ``mean |field|`` at surface points (VecSetX surface term).
 * ``normal`` (optional): ``mean (1 - cos(grad field, n))`` at surface points (TripoSG's normal guidance).
+* ``position`` (position-bias models only, ``VecSetVAEConfig.position_bias``): mean squared distance
+  between the positions the geometry decoder reads from the tokens and the tokens' FPS points, times
+  ``position_weight`` (1). It teaches the latents to carry where they are.
 
 Gradient terms need double backward through attention, which PyTorch's fused SDPA kernels lack; the
 forward pass then runs with the math SDPA backend (slower, more memory). They are off by default.
@@ -60,6 +63,7 @@ class VecSetLossConfig:
     surface_samples: int = 2048  # surface points per shape for the surface / normal terms
     sample_posterior: bool = True  # decode a posterior sample (VAE) rather than the mean
     num_latents: int | None = None  # tokens per training step (None: the model's cfg.num_latents)
+    position_weight: float = 1.0  # token positions -> their FPS points (position-bias models only)
 
     def __post_init__(self):
         if self.kind not in ("sdf", "occupancy"):
@@ -70,6 +74,8 @@ class VecSetLossConfig:
             raise ValueError(f"VecSetLossConfig.truncation must be > 0 or None, got {self.truncation!r}")
         if self.kind == "occupancy" and self.eikonal_weight > 0:
             raise ValueError("the eikonal term needs kind='sdf' (an occupancy logit is not a distance)")
+        if not self.position_weight >= 0:
+            raise ValueError(f"VecSetLossConfig.position_weight must be >= 0, got {self.position_weight!r}")
         if len(self.group_weights) != 3:
             raise ValueError("VecSetLossConfig.group_weights needs 3 weights "
                              "(uniform, near fine, near coarse)")
@@ -112,7 +118,8 @@ def vecset_vae_loss(model, batch: dict, cfg: VecSetLossConfig = VecSetLossConfig
     -------
     loss : scalar tensor
     logs : dict of floats: ``loss``, ``recon``, ``recon_<group>`` (when groups are given), ``kl``,
-      ``sign_acc`` (fraction of query points on the right side), and each enabled optional term.
+      ``sign_acc`` (fraction of query points on the right side), ``position`` for position-bias models,
+      and each enabled optional term.
     """
     surface, points, sdf = batch["surface"], batch["points"], batch["sdf"]
     b, q = sdf.shape
@@ -156,6 +163,9 @@ def vecset_vae_loss(model, batch: dict, cfg: VecSetLossConfig = VecSetLossConfig
     terms["kl"] = posterior.kl().mean()
     loss = recon + cfg.kl_weight * terms["kl"]
 
+    if "token_xyz_pred" in out:
+        terms["position"] = (out["token_xyz_pred"].float() - out["token_xyz"].float()).square().sum(-1).mean()
+        loss = loss + cfg.position_weight * terms["position"]
     if cfg.eikonal_weight > 0:
         norm = (grad[:, :q].float() * cfg.field_unit).norm(dim=-1)  # world-unit gradient of the distance
         band = (sdf.abs() < cfg.truncation).to(norm.dtype) if (cfg.kind == "sdf" and cfg.truncation) \

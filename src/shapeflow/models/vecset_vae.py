@@ -21,6 +21,10 @@ Design choices
   of the query xyz -> ``query_proj`` -> one cross-attention block to the tokens -> ``ln_post`` ->
   ``output_proj`` -> one value per query. The token keys/values are projected once per shape and
   queries are processed in chunks, so decoding memory is bounded.
+* **Position bias (this project's option, on in ``tiny``).** The geometry decoder reads a position
+  from each token and penalises attention to far tokens (:class:`GeometryDecoder`). A plain VecSet
+  decoder starts with uniform attention and must discover locality, which takes most of a short CPU
+  run; with the bias it is local from the first step. Public checkpoints (Hunyuan3D) have it off.
 * **Output sign.** The output ``field`` is **negative inside** for every training variant, so
   ``field < 0`` is occupancy and marching cubes at level 0 works unchanged:
 
@@ -84,6 +88,8 @@ class VecSetVAEConfig:
     init_scale: float = 0.25  # Linear weights ~ N(0, (init_scale / sqrt(width))^2) (Michelangelo, Dora)
     latent_scale: float = 1.0  # the DiT sees z * latent_scale (Hunyuan3D scale_factor); set after training
     decoder_only: bool = False  # no encoder / pre_kl (e.g. Hunyuan3D-2.0 released weights)
+    position_bias: bool = False  # geometry decoder: predict each token's xyz and add -w_h |x - p_j|^2
+    #   to the cross-attention logits (this project's option; see GeometryDecoder). Off for public weights.
 
     def __post_init__(self):
         for name in ("num_latents", "latent_channels", "width", "heads", "fps_ratio"):
@@ -108,8 +114,11 @@ class VecSetVAEConfig:
 
 PRESETS: dict[str, dict] = {
     # Trains on a 2-core CPU in minutes; encode + hierarchical 128^3 decode in ~2 s there (BENCHMARKS.md).
+    # position_bias: the decoder attends locally from the first step; in short CPU runs it learns several
+    # times faster than without (BENCHMARKS.md).
     "tiny": dict(num_latents=128, latent_channels=16, width=128, heads=4, encoder_layers=2, decoder_layers=4,
-                 init_scale=1.0),  # a tiny model trained for minutes learns faster from a standard-scale init
+                 init_scale=1.0,  # a tiny model trained for minutes learns faster from a standard-scale init
+                 position_bias=True),
     # Dora-VAE widths and depths (width 768, 12 heads, 8 / 16 layers), 512 tokens x 32 channels
     # (3DShape2VecSet token count; VecSetX shows 16-32 channels suffice and they are easier to diffuse).
     "base": dict(num_latents=512, latent_channels=32, width=768, heads=12, encoder_layers=8,
@@ -229,7 +238,20 @@ class LatentDecoder(nn.Module):
 
 
 class GeometryDecoder(nn.Module):
-    """Query points + tokens -> one field value per point (cross-attention decoder)."""
+    """Query points + tokens -> one field value per point (cross-attention decoder).
+
+    With ``cfg.position_bias`` each token also carries a position: ``pos_head`` reads an xyz
+    ``p_j`` from the token's features, and every cross-attention head ``h`` adds the distance penalty
+    ``-w_h |x - p_j|^2`` to its logits, with learned ``w_h = exp(pos_log_weight[h])`` initialised to
+    length scales ``1 / sqrt(2 w_h)`` from 0.05 to 0.4 (geometric over the heads; the canonical cube is
+    ``[-1, 1]^3``). The latent is still a plain token set (the positions are a function of it), but the
+    decoder attends locally from the first step instead of having to discover locality. During training
+    the predicted positions are pulled to the tokens' FPS points (``position`` loss term). Measured effect:
+    BENCHMARKS.md, VecSet ``tiny`` section.
+    """
+
+    #: length scales of the first and last head's distance penalty at initialisation (canonical units)
+    POSITION_SCALES = (0.05, 0.4)
 
     def __init__(self, cfg: VecSetVAEConfig):
         super().__init__()
@@ -237,12 +259,38 @@ class GeometryDecoder(nn.Module):
         self.cross_attn = CrossAttentionBlock(cfg.width, **_block_kwargs(cfg, cross=True))
         self.ln_post = nn.LayerNorm(cfg.width, eps=cfg.ln_post_eps) if cfg.geo_ln_post else nn.Identity()
         self.output_proj = nn.Linear(cfg.width, 1)
+        self.position_bias = cfg.position_bias
+        if cfg.position_bias:
+            self.pos_head = nn.Sequential(nn.LayerNorm(cfg.width, eps=cfg.block_eps), nn.Linear(cfg.width, 3))
+            self.pos_log_weight = nn.Parameter(torch.zeros(self.cross_attn.attn.heads))
 
-    def forward(self, feats: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], *, topk: int | None = None,
+    def reset_position_weights(self) -> None:
+        """``pos_log_weight`` to length scales ``POSITION_SCALES`` spread geometrically over the heads."""
+        heads = self.pos_log_weight.numel()
+        lo, hi = self.POSITION_SCALES
+        scales = torch.tensor([lo * (hi / lo) ** (i / max(heads - 1, 1)) for i in range(heads)])
+        with torch.no_grad():
+            self.pos_log_weight.copy_(torch.log(0.5 / scales.square()))
+
+    def token_positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(b, m, w) decoded tokens -> (b, m, 3) positions read by ``pos_head`` (position-bias models)."""
+        if not self.position_bias:
+            raise RuntimeError("token_positions needs a model built with position_bias=True")
+        return self.pos_head(tokens)
+
+    def context(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Everything the queries need from the tokens, computed once per shape: ``(k, v, positions)``."""
+        k, v = self.cross_attn.context_kv(tokens)
+        return k, v, (self.token_positions(tokens) if self.position_bias else None)
+
+    def forward(self, xyz: torch.Tensor, feats: torch.Tensor, context: tuple, *, topk: int | None = None,
                 topk_stride: int = 16) -> torch.Tensor:
-        """feats: (b, q, fourier) Fourier features of queries; kv: ``cross_attn.context_kv``. -> (b, q)."""
+        """xyz: (b, q, 3) query points; feats: (b, q, fourier) their Fourier features; context: from
+        :meth:`context`. -> (b, q) field values."""
+        k, v, pos = context
+        penalty = None if pos is None else (xyz.to(pos.dtype), pos, self.pos_log_weight.exp())
         x = self.query_proj(feats)  # (b, q, w)
-        x = self.cross_attn(x, kv=kv, topk=topk, topk_stride=topk_stride)
+        x = self.cross_attn(x, kv=(k, v), distance_penalty=penalty, topk=topk, topk_stride=topk_stride)
         return self.output_proj(self.ln_post(x)).squeeze(-1)  # (b, q)
 
 
@@ -309,6 +357,8 @@ class VecSetVAE(nn.Module):
                 nn.init.ones_(module.gamma)
         nn.init.zeros_(self.geo_decoder.output_proj.weight)
         nn.init.zeros_(self.geo_decoder.output_proj.bias)
+        if self.cfg.position_bias:
+            self.geo_decoder.reset_position_weights()
 
     # -- encoding --------------------------------------------------------------------------------
 
@@ -370,24 +420,38 @@ class VecSetVAE(nn.Module):
         The token keys/values are projected once; queries run in chunks of ``chunk_size`` (all at once
         when ``None``). ``topk`` enables FlashVDM adaptive KV selection per chunk (decoding only).
         """
-        kv = self.geo_decoder.cross_attn.context_kv(tokens)
+        context = self.geo_decoder.context(tokens)
         q = points.shape[1]
         step = q if chunk_size is None else max(1, int(chunk_size))
-        outs = [self.geo_decoder(self.fourier(points[:, i:i + step]), kv, topk=topk, topk_stride=topk_stride)
+        outs = [self.query_context(points[:, i:i + step], context, topk=topk, topk_stride=topk_stride)
                 for i in range(0, max(q, 1), step)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+    def query_context(self, points: torch.Tensor, context: tuple, *, topk: int | None = None,
+                      topk_stride: int = 16) -> torch.Tensor:
+        """Like :meth:`query` with ``context = self.geo_decoder.context(tokens)`` precomputed (decoders)."""
+        return self.geo_decoder(points, self.fourier(points), context, topk=topk, topk_stride=topk_stride)
 
     def forward(self, surface: torch.Tensor, points: torch.Tensor, *, sample_posterior: bool = True,
                 num_latents: int | None = None, query_idx: torch.Tensor | None = None,
                 generator: torch.Generator | None = None) -> dict:
         """Encode ``surface`` (b, n, 3 + f), decode, and evaluate the field at ``points`` (b, q, 3).
 
-        Returns ``dict(field=(b, q) negative inside, posterior=DiagonalGaussian, latents=(b, m, c))``.
+        Returns ``dict(field=(b, q) negative inside, posterior=DiagonalGaussian, latents=(b, m, c))``;
+        position-bias models add ``token_xyz`` (b, m, 3), the tokens' FPS points, and ``token_xyz_pred``,
+        the positions the decoder read from the tokens.
         """
+        if query_idx is None and not self.cfg.decoder_only:
+            query_idx = self.select_queries(surface, num_latents, generator=generator)
         posterior = self.encode(surface, num_latents=num_latents, query_idx=query_idx, generator=generator)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
-        field = self.query(points, self.decode(z))
-        return dict(field=field, posterior=posterior, latents=z)
+        context = self.geo_decoder.context(self.decode(z))
+        out = dict(field=self.query_context(points, context), posterior=posterior, latents=z)
+        if self.cfg.position_bias:
+            idx = query_idx.to(surface.device)[..., None].expand(-1, -1, 3)
+            out["token_xyz"] = surface[..., :3].gather(1, idx)
+            out["token_xyz_pred"] = context[2]
+        return out
 
     # -- checkpoints -----------------------------------------------------------------------------
 

@@ -157,6 +157,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    torch.set_flush_denormal(True)  # as the `shapeflow` command does (BENCHMARKS.md, VecSet third round)
     t0 = time.perf_counter()
     print({"quality": quality, "sampler": sampler, "speed": speed}[args.part](args))
     print(f"\n({time.perf_counter() - t0:.0f} s, torch threads {torch.get_num_threads()})")

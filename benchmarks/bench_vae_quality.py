@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="folder for quality.md, quality.json and pictures")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    torch.set_flush_denormal(True)  # as the `shapeflow` command does (BENCHMARKS.md, VecSet third round)
     if args.threads:
         torch.set_num_threads(args.threads)
 

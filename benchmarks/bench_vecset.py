@@ -14,6 +14,12 @@ Parts (``--part``, default ``all``):
   ``torch.utils.flop_counter.FlopCounterMode`` (plus SDPA, which it does not count on CPU), divided by
   the step time, against a 2048^2 fp32 matmul measured in the same run.
 * ``tiny``: encode + decode (hierarchical, 128^3, marching cubes) of one shape with the trained tiny model.
+* ``tiny-real``: the same encode + decode timing for trained checkpoints (``--ckpt``, repeatable) on the
+  first ``--objects`` held-out objects of a preprocessed folder (``--data``), so a plain and a
+  position-biased decoder are timed on the same shapes in one run; float32 denormals are flushed as
+  the ``shapeflow`` command does.
+* ``tiny-step``: one tiny training step (batch 8 of ``--data``, the shipped occupancy loss), the plain
+  and the position-biased decoder interleaved, median of ``--repeats``.
 * ``mem``: peak RSS of a chunked dense 256^3 decode with the base preset, in a fresh subprocess
   (``--mem-chunks`` chunks; memory is at steady state after the first chunk).
 
@@ -271,6 +277,52 @@ def bench_tiny_recon(model: VecSetVAE, res: int, reps: int = 3) -> dict:
     return dict(model="tiny (trained on a torus)", resolution=res, surface_points=len(surface), **out)
 
 
+def bench_tiny_real(ckpts: list[str], data: str, objects: int, reps: int = 3) -> dict:
+    from shapeflow.data.datasets import ObjectFolder
+    from shapeflow.evaluate import reconstruct_object
+
+    folder = ObjectFolder(data, split="val", val_fraction=0.1, split_seed=0)
+    dirs = [folder.object_dir(i) for i in range(min(objects, len(folder)))]
+    models = {c: VecSetVAE.from_pretrained(c).eval() for c in ckpts}
+    out = {c: {"total_s": [], "encode_s": [], "decode_s": []} for c in ckpts}
+    for d in dirs:
+        for _ in range(reps):
+            for c, model in models.items():  # interleaved, so machine noise hits every model alike
+                t0 = time.perf_counter()
+                r = reconstruct_object(model, "vecset_vae", d, resolution=128, with_metrics=False)
+                out[c]["total_s"].append(time.perf_counter() - t0)
+                out[c]["encode_s"].append(r["metrics"]["encode_s"])
+                out[c]["decode_s"].append(r["metrics"]["decode_s"])
+    return {c: dict(position_bias=models[c].cfg.position_bias, objects=len(dirs), repeats=reps,
+                    **{f"median_{k}": statistics.median(v) for k, v in t.items()},
+                    max_total_s=max(t["total_s"])) for c, t in out.items()}
+
+
+def bench_tiny_step(data: str, reps: int) -> dict:
+    from shapeflow.data.datasets import VecSetDataset
+
+    ds = VecSetDataset(data, split="train", n_queries=2048, query_fractions=(0.5, 0.1, 0.4), n_surface=2048,
+                       n_sharp=512, val_fraction=0.1, split_seed=0)
+    items = [ds[i] for i in range(8)]
+    batch = {k: torch.stack([it[k] for it in items]) for k in ("surface", "points", "sdf", "groups")}
+    cfg = VecSetLossConfig(kind="occupancy", group_weights=(1.0, 1.0, 1.0))
+    models = {}
+    for bias in (False, True):
+        torch.manual_seed(0)
+        models[bias] = VecSetVAE(from_preset("tiny", position_bias=bias))
+        torch.nn.init.normal_(models[bias].geo_decoder.output_proj.weight, std=0.01)
+    times = {False: [], True: []}
+    for _ in range(reps + 1):
+        for bias, model in models.items():
+            t0 = time.perf_counter()
+            loss, _ = vecset_vae_loss(model, batch, cfg, generator=torch.Generator().manual_seed(0))
+            loss.backward()
+            times[bias].append(time.perf_counter() - t0)
+    med = {b: statistics.median(t[1:]) for b, t in times.items()}  # the first step warms up
+    return dict(batch=8, plain_s=med[False], position_bias_s=med[True], ratio=med[True] / med[False],
+                plain_all=times[False][1:], position_bias_all=times[True][1:])
+
+
 def bench_mem_child(res: int, chunks: int, chunk: int, strategy: str) -> dict:
     """Run in a fresh process: RSS after building base, then peak RSS during a chunked decode
     (dense: the first ``chunks`` chunks, memory is at steady state after the first; hierarchical: in full,
@@ -311,7 +363,12 @@ def bench_mem_child(res: int, chunks: int, chunk: int, strategy: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", default="all", choices=["all", "decode", "train", "tiny", "mem", "mem-child"])
+    ap.add_argument("--part", default="all",
+                    choices=["all", "decode", "train", "tiny", "tiny-real", "tiny-step", "mem", "mem-child"])
+    ap.add_argument("--ckpt", action="append", default=[], help="tiny-real: a trained VecSet VAE (repeatable)")
+    ap.add_argument("--data", default=None, help="tiny-real: a preprocessed folder (its held-out split)")
+    ap.add_argument("--objects", type=int, default=8, help="tiny-real: held-out objects to time")
+    ap.add_argument("--repeats", type=int, default=7, help="tiny-step: timed steps per decoder")
     ap.add_argument("--res", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=16384)
     ap.add_argument("--dense-chunks", type=int, default=24)
@@ -325,6 +382,7 @@ def main() -> None:
                     help="directory: reuse the trained tiny model saved there (trained and saved if absent)")
     ap.add_argument("--out", default=None, help="append results as JSON lines to this file")
     args = ap.parse_args()
+    torch.set_flush_denormal(True)  # before the first parallel op, as `shapeflow` does
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.part == "mem-child":
@@ -359,6 +417,16 @@ def main() -> None:
         if args.part != "tiny":
             results["decode_tiny"] = bench_decode_tiny(model, args.res)
             print(json.dumps(results["decode_tiny"]), flush=True)
+    if args.part == "tiny-step":
+        if not args.data:
+            ap.error("--part tiny-step needs --data")
+        results["tiny_step"] = bench_tiny_step(args.data, args.repeats)
+        print(json.dumps(results["tiny_step"]), flush=True)
+    if args.part == "tiny-real":
+        if not args.ckpt or not args.data:
+            ap.error("--part tiny-real needs --ckpt (one or more) and --data")
+        results["tiny_real"] = bench_tiny_real(args.ckpt, args.data, args.objects)
+        print(json.dumps(results["tiny_real"]), flush=True)
     if args.part in ("all", "decode"):
         results["decode_base"] = bench_decode_base(args.res, args.dense_chunks, args.chunk)
         print(json.dumps(results["decode_base"]), flush=True)

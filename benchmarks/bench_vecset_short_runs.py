@@ -14,6 +14,9 @@ and how spread the geometry decoder's cross-attention is (entropy vs the uniform
     python benchmarks/bench_vecset_short_runs.py data/prep --name posbias --batch 8 --lr 2e-3 --steps 600 \\
         --model '{"position_bias": true}' --diagnose
 
+The ``tiny`` preset has the position-biased decoder since 2026-11-26; the earlier rows of BENCHMARKS.md
+(plain decoder) are reproduced with ``--model '{"position_bias": false}'``.
+
 Variants: ``--model`` / ``--loss`` take JSON overrides of :class:`VecSetVAEConfig` /
 :class:`VecSetLossConfig`; ``--mean-steps N`` decodes the posterior mean for the first N steps, then samples;
 ``--dilate D --dilate-steps S`` trains on the offset surface ``sdf = D``
@@ -120,6 +123,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--diagnose", action="store_true")
     args = ap.parse_args()
+    torch.set_flush_denormal(True)  # as the `shapeflow` command does (BENCHMARKS.md, VecSet third round)
     try:
         model_overrides, loss_overrides = json.loads(args.model), json.loads(args.loss)
     except json.JSONDecodeError as err:

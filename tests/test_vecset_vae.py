@@ -341,6 +341,20 @@ def test_position_bias_is_a_distance_penalty_on_the_logits():
     assert not hasattr(tiny_model().geo_decoder, "pos_head")  # off by default (public checkpoints)
 
 
+@torch.no_grad()
+def test_position_bias_positions_stay_float32_under_bf16_autocast():
+    m = tiny_model(position_bias=True).eval()
+    torch.nn.init.normal_(m.geo_decoder.pos_head[1].weight, std=0.3)
+    tokens = m.decode(torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(1)))
+    ref = m.geo_decoder.token_positions(tokens)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pos = m.geo_decoder.context(tokens.bfloat16())[2]
+    assert pos.dtype == torch.float32
+    # only the bf16 rounding of the tokens themselves remains (~1e-2 relative), not a bf16 head output
+    torch.testing.assert_close(pos, m.geo_decoder.token_positions(tokens.bfloat16().float()), rtol=0, atol=1e-6)
+    assert (pos - ref).abs().max() < 0.05
+
+
 @pytest.mark.parametrize("d", [32, 5])
 def test_distance_penalty_channels_equal_the_explicit_mask(d):
     # float32 takes the extra-channel path, float64 the explicit (b, h, n, m) mask: they must agree,

@@ -113,7 +113,8 @@ class VecSetVAEConfig:
 
 
 PRESETS: dict[str, dict] = {
-    # Trains on a 2-core CPU in minutes; encode + hierarchical 128^3 decode in ~2 s there (BENCHMARKS.md).
+    # Trains on a 2-core CPU in minutes; encode + hierarchical 128^3 decode of a real shape in ~5 s there
+    # on one thread (BENCHMARKS.md).
     # position_bias: the decoder attends locally from the first step; in short CPU runs it learns several
     # times faster than without (BENCHMARKS.md).
     "tiny": dict(num_latents=128, latent_channels=16, width=128, heads=4, encoder_layers=2, decoder_layers=4,
@@ -273,10 +274,15 @@ class GeometryDecoder(nn.Module):
             self.pos_log_weight.copy_(torch.log(0.5 / scales.square()))
 
     def token_positions(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(b, m, w) decoded tokens -> (b, m, 3) positions read by ``pos_head`` (position-bias models)."""
+        """(b, m, w) decoded tokens -> (b, m, 3) float32 positions read by ``pos_head`` (position-bias models).
+
+        Always float32, also under bf16 autocast: a bf16 position is off by ~0.004, which the distance
+        penalty (``w_h`` up to ~200) would turn into logit errors of order 1.
+        """
         if not self.position_bias:
             raise RuntimeError("token_positions needs a model built with position_bias=True")
-        return self.pos_head(tokens)
+        with torch.autocast(device_type=tokens.device.type, enabled=False):
+            return self.pos_head(tokens.float())
 
     def context(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Everything the queries need from the tokens, computed once per shape: ``(k, v, positions)``."""
@@ -288,7 +294,7 @@ class GeometryDecoder(nn.Module):
         """xyz: (b, q, 3) query points; feats: (b, q, fourier) their Fourier features; context: from
         :meth:`context`. -> (b, q) field values."""
         k, v, pos = context
-        penalty = None if pos is None else (xyz.to(pos.dtype), pos, self.pos_log_weight.exp())
+        penalty = None if pos is None else (xyz.float(), pos, self.pos_log_weight.float().exp())
         x = self.query_proj(feats)  # (b, q, w)
         x = self.cross_attn(x, kv=(k, v), distance_penalty=penalty, topk=topk, topk_stride=topk_stride)
         return self.output_proj(self.ln_post(x)).squeeze(-1)  # (b, q)

@@ -18,6 +18,11 @@ Parts (``--part``, default ``all``):
   first ``--objects`` held-out objects of a preprocessed folder (``--data``), so a plain and a
   position-biased decoder are timed on the same shapes in one run; float32 denormals are flushed as
   the ``shapeflow`` command does.
+* ``hier-real``: dense vs hierarchical decoding of the first ``--ckpt`` on ``--objects`` held-out real
+  shapes of ``--data`` at ``--res``: the default (surface tracing, no final dilation) against the
+  untraced FlashVDM-style setting (final dilation 1); queries, field time (interleaved), Chamfer-L1 of
+  the marching-cubes vertices to the dense mesh's, and whether the largest connected component is
+  the dense one's (trained tiny models leave small floaters, which a coarse level can miss).
 * ``tiny-step``: one tiny training step (batch 8 of ``--data``, the shipped occupancy loss), the plain
   and the position-biased decoder interleaved, median of ``--repeats``.
 * ``mem``: peak RSS of a chunked dense 256^3 decode with the base preset, in a fresh subprocess
@@ -298,6 +303,46 @@ def bench_tiny_real(ckpts: list[str], data: str, objects: int, reps: int = 3) ->
                     max_total_s=max(t["total_s"])) for c, t in out.items()}
 
 
+def bench_hier_real(ckpt: str, data: str, objects: int, res: int) -> dict:
+    import trimesh
+
+    from shapeflow.data.datasets import ObjectFolder
+    from shapeflow.decode import encode_surface
+    from shapeflow.evaluate import encoder_input
+    from shapeflow.geometry.marching_cubes import marching_cubes
+
+    def parts(v, f):
+        return sorted((len(p.faces) for p in trimesh.Trimesh(v, f, process=False).split(only_watertight=False)),
+                      reverse=True)
+
+    variants = {"traced": dict(), "untraced_dil1": dict(trace=False, final_dilation=1)}
+    folder = ObjectFolder(data, split="val", val_fraction=0.1, split_seed=0)
+    model = VecSetVAE.from_pretrained(ckpt).eval()
+    rows = {k: [] for k in ("dense", *variants)}
+    for i in range(min(objects, len(folder))):
+        x = encoder_input(model, "vecset_vae", folder.object_dir(i), n_surface=4096, n_sharp=1024)
+        with torch.no_grad():
+            fn = VecSetField(model, model.decode(encode_surface(model, x[0])))
+            dense, sd = dense_field(fn, res)
+            v_d, f_d = marching_cubes(dense)
+            p_d = parts(v_d, f_d)
+            rows["dense"].append(dict(queries=sd.queries, seconds=sd.seconds, parts=len(p_d)))
+            for name, kw in variants.items():
+                field, st = hierarchical_field(fn, res, **kw)
+                v, f = marching_cubes(field)
+                p = parts(v, f)
+                rows[name].append(dict(queries=st.queries, seconds=st.seconds, chamfer_to_dense=chamfer(v_d, v),
+                                       same_largest_part=p[0] == p_d[0], parts=len(p),
+                                       missed_faces=len(f_d) - len(f)))
+    out = {}
+    for name, r in rows.items():
+        out[name] = {k: float(np.mean([x[k] for x in r])) for k in r[0]}
+        if name != "dense":
+            out[name]["max_chamfer_to_dense"] = max(x["chamfer_to_dense"] for x in r)
+            out[name]["query_ratio_dense"] = out["dense"]["queries"] / out[name]["queries"]
+    return dict(ckpt=ckpt, objects=len(rows["dense"]), resolution=res, **out)
+
+
 def bench_tiny_step(data: str, reps: int) -> dict:
     from shapeflow.data.datasets import VecSetDataset
 
@@ -364,7 +409,8 @@ def bench_mem_child(res: int, chunks: int, chunk: int, strategy: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", default="all",
-                    choices=["all", "decode", "train", "tiny", "tiny-real", "tiny-step", "mem", "mem-child"])
+                    choices=["all", "decode", "train", "tiny", "tiny-real", "hier-real", "tiny-step", "mem",
+                             "mem-child"])
     ap.add_argument("--ckpt", action="append", default=[], help="tiny-real: a trained VecSet VAE (repeatable)")
     ap.add_argument("--data", default=None, help="tiny-real: a preprocessed folder (its held-out split)")
     ap.add_argument("--objects", type=int, default=8, help="tiny-real: held-out objects to time")
@@ -427,6 +473,11 @@ def main() -> None:
             ap.error("--part tiny-real needs --ckpt (one or more) and --data")
         results["tiny_real"] = bench_tiny_real(args.ckpt, args.data, args.objects)
         print(json.dumps(results["tiny_real"]), flush=True)
+    if args.part == "hier-real":
+        if not args.ckpt or not args.data:
+            ap.error("--part hier-real needs --ckpt and --data")
+        results["hier_real"] = bench_hier_real(args.ckpt[0], args.data, args.objects, args.res)
+        print(json.dumps(results["hier_real"]), flush=True)
     if args.part in ("all", "decode"):
         results["decode_base"] = bench_decode_base(args.res, args.dense_chunks, args.chunk)
         print(json.dumps(results["decode_base"]), flush=True)

@@ -96,6 +96,33 @@ def test_band_and_dilation_refine_more():
     assert s0.queries < s1.queries < s2.queries < s1.dense_queries
 
 
+def sphere_with_spike(p: torch.Tensor) -> torch.Tensor:
+    """A sphere (r 0.4) with a thin capsule (r 0.03, thinner than the coarse spacings) sticking out."""
+    ball = p.norm(dim=-1) - 0.4
+    a, b = torch.tensor([0.3, 0.031, 0.017]), torch.tensor([0.85, 0.031, 0.017])
+    t = ((p - a) @ (b - a) / (b - a).dot(b - a)).clamp(0, 1)
+    spike = (p - a - t[:, None] * (b - a)).norm(dim=-1) - 0.03
+    return torch.minimum(ball, spike)
+
+
+def test_tracing_follows_a_thin_part_out_of_the_refined_region():
+    """Without dilation the coarse levels see only the spike's root; tracing follows it to its tip, so
+    the mesh equals the dense one, while the untraced decode cuts it off."""
+    dense, sd = dense_field(sphere_with_spike, 64)
+    v_d, f_d = marching_cubes(dense)
+    kw = dict(min_resolution=16, dilation=0, final_dilation=0)
+    traced, st = hierarchical_field(sphere_with_spike, 64, fill="nan", **kw)
+    cut, sc = hierarchical_field(sphere_with_spike, 64, trace=False, **kw)
+    known = ~np.isnan(traced)
+    np.testing.assert_allclose(traced[known], dense[known], rtol=0, atol=1e-6)
+    v_t, f_t = marching_cubes(traced)
+    assert chamfer(v_d, v_t) <= 1e-4
+    assert topology(v_t, f_t) == topology(v_d, f_d) == (2, 1)
+    assert sum(st.extra["traced_queries"]) > 0 and st.queries < sd.queries / 4
+    v_c, _ = marching_cubes(cut)
+    assert v_c[:, 0].max() < v_d[:, 0].max() - 0.1  # the untraced decode loses the spike's tip
+
+
 def test_decode_field_rejects_unknown_strategy():
     with pytest.raises(ValueError, match="unknown decoding strategy"):
         decode_field(torus, 8, strategy="octree")

@@ -112,7 +112,7 @@ def test_tracing_follows_a_thin_part_out_of_the_refined_region():
     v_d, f_d = marching_cubes(dense)
     kw = dict(min_resolution=16, dilation=0, final_dilation=0)
     traced, st = hierarchical_field(sphere_with_spike, 64, fill="nan", **kw)
-    cut, sc = hierarchical_field(sphere_with_spike, 64, trace=False, **kw)
+    cut, _ = hierarchical_field(sphere_with_spike, 64, trace=False, **kw)
     known = ~np.isnan(traced)
     np.testing.assert_allclose(traced[known], dense[known], rtol=0, atol=1e-6)
     v_t, f_t = marching_cubes(traced)

@@ -268,6 +268,7 @@ def _trace_surface(field_fn: FieldFn, values: torch.Tensor, known: torch.Tensor,
         rounds += 1
     return total, rounds
 
+
 @torch.no_grad()
 def hierarchical_field(field_fn: FieldFn, resolution: int, *, bound: float = BOUND,
                        chunk_size: int = DEFAULT_CHUNK, min_resolution: int | None = None, band: float = 0.0,

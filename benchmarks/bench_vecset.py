@@ -24,7 +24,8 @@ Parts (``--part``, default ``all``):
   the marching-cubes vertices to the dense mesh's, and whether the largest connected component is
   the dense one's (trained tiny models leave small floaters, which a coarse level can miss).
 * ``tiny-step``: one tiny training step (batch 8 of ``--data``, the shipped occupancy loss), the plain
-  and the position-biased decoder interleaved, median of ``--repeats``.
+  and the position-biased decoder (or the ``--variant NAME=JSON`` tiny overrides) interleaved, median of
+  ``--repeats``.
 * ``mem``: peak RSS of a chunked dense 256^3 decode with the base preset, in a fresh subprocess
   (``--mem-chunks`` chunks; memory is at steady state after the first chunk).
 
@@ -343,29 +344,33 @@ def bench_hier_real(ckpt: str, data: str, objects: int, res: int) -> dict:
     return dict(ckpt=ckpt, objects=len(rows["dense"]), resolution=res, **out)
 
 
-def bench_tiny_step(data: str, reps: int) -> dict:
+def bench_tiny_step(data: str, reps: int, variants: dict[str, dict] | None = None) -> dict:
+    """Median fwd + bwd time of one tiny training step per model variant (tiny preset overrides),
+    the variants interleaved so a shared machine's drift hits them alike; ratios to the first."""
     from shapeflow.data.datasets import VecSetDataset
 
+    variants = variants or {"plain": {"position_bias": False}, "position_bias": {}}
     ds = VecSetDataset(data, split="train", n_queries=2048, query_fractions=(0.5, 0.1, 0.4), n_surface=2048,
                        n_sharp=512, val_fraction=0.1, split_seed=0)
     items = [ds[i] for i in range(8)]
     batch = {k: torch.stack([it[k] for it in items]) for k in ("surface", "points", "sdf", "groups")}
     cfg = VecSetLossConfig(kind="occupancy", group_weights=(1.0, 1.0, 1.0))
     models = {}
-    for bias in (False, True):
+    for name, overrides in variants.items():
         torch.manual_seed(0)
-        models[bias] = VecSetVAE(from_preset("tiny", position_bias=bias))
-        torch.nn.init.normal_(models[bias].geo_decoder.output_proj.weight, std=0.01)
-    times = {False: [], True: []}
+        models[name] = VecSetVAE(from_preset("tiny", **overrides))
+        torch.nn.init.normal_(models[name].geo_decoder.output_proj.weight, std=0.01)
+    times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(reps + 1):
-        for bias, model in models.items():
+        for name, model in models.items():
             t0 = time.perf_counter()
             loss, _ = vecset_vae_loss(model, batch, cfg, generator=torch.Generator().manual_seed(0))
             loss.backward()
-            times[bias].append(time.perf_counter() - t0)
-    med = {b: statistics.median(t[1:]) for b, t in times.items()}  # the first step warms up
-    return dict(batch=8, plain_s=med[False], position_bias_s=med[True], ratio=med[True] / med[False],
-                plain_all=times[False][1:], position_bias_all=times[True][1:])
+            times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(t[1:]) for name, t in times.items()}  # the first step warms up
+    first = next(iter(med))
+    return dict(batch=8, variants=variants, median_s=med, ratio={n: med[n] / med[first] for n in med},
+                all_s={n: t[1:] for n, t in times.items()})
 
 
 def bench_mem_child(res: int, chunks: int, chunk: int, strategy: str) -> dict:
@@ -415,6 +420,9 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="tiny-real: a preprocessed folder (its held-out split)")
     ap.add_argument("--objects", type=int, default=8, help="tiny-real: held-out objects to time")
     ap.add_argument("--repeats", type=int, default=7, help="tiny-step: timed steps per decoder")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                    help="tiny-step: a model variant as tiny preset overrides (repeatable; default: the plain "
+                         "and the position-biased decoder)")
     ap.add_argument("--res", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=16384)
     ap.add_argument("--dense-chunks", type=int, default=24)
@@ -466,7 +474,14 @@ def main() -> None:
     if args.part == "tiny-step":
         if not args.data:
             ap.error("--part tiny-step needs --data")
-        results["tiny_step"] = bench_tiny_step(args.data, args.repeats)
+        variants = {}
+        for spec in args.variant:
+            name, _, overrides = spec.partition("=")
+            try:
+                variants[name] = json.loads(overrides or "{}")
+            except json.JSONDecodeError as err:
+                ap.error(f"--variant {spec!r}: the part after '=' must be a JSON object ({err})")
+        results["tiny_step"] = bench_tiny_step(args.data, args.repeats, variants or None)
         print(json.dumps(results["tiny_step"]), flush=True)
     if args.part == "tiny-real":
         if not args.ckpt or not args.data:

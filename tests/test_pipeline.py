@@ -630,6 +630,30 @@ def test_eval_vae_table_and_json(root, vecset_run, grid_occ_run, tmp_path, capsy
     assert len(rows) == 2 + 1 + 1 and rows[-1].startswith("| **mean (1)**")
 
 
+def test_eval_vae_token_and_point_counts_reach_the_encoder(root, vecset_run, grid_occ_run, monkeypatch, capsys):
+    from shapeflow.models.vecset_vae import VecSetVAE
+
+    seen = []
+    encode = VecSetVAE.encode
+
+    def spy(self, surface, **kwargs):
+        posterior = encode(self, surface, **kwargs)
+        seen.append((surface.shape[1], posterior.mean.shape[1]))
+        return posterior
+
+    monkeypatch.setattr(VecSetVAE, "encode", spy)
+    assert sf("eval-vae", root / "prep", "--ckpt", vecset_run, "--split", "all", "--limit", 1, "--resolution", 16,
+              "--points", 500, "--num-latents", 12, "--surface-points", 300, "--sharp-points", 20) == 0
+    assert seen == [(320, 12)]
+    assert sf("eval-vae", root / "prep", "--ckpt", vecset_run, "--split", "all", "--limit", 1, "--resolution", 16,
+              "--points", 500) == 0
+    trained = json.loads((Path(vecset_run) / "config.json").read_text())
+    assert seen[1] == (trained["data"]["n_surface"] + trained["data"]["n_sharp"], trained["model"]["num_latents"])
+    capsys.readouterr()
+    assert sf("eval-vae", root / "prep", "--ckpt", grid_occ_run, "--split", "all", "--num-latents", 12) == 2
+    assert_one_line_error(capsys, "eval-vae", "num_latents", "VecSet")
+
+
 # =================================================================================================
 # user errors
 # =================================================================================================

@@ -153,8 +153,13 @@ def format_table(rows: list[dict], summary: dict) -> str:
 def eval_vae(vae_path: str | Path, data_dir: str | Path, *, split: str = "val", val_fraction: float = 0.1,
              split_seed: int = 0, limit: int | None = None, resolution: int = 128,
              strategy: str = "hierarchical", n_points: int = 100_000, device: str = "cpu",
+             num_latents: int | None = None, n_surface: int | None = None, n_sharp: int | None = None,
              progress: bool = True) -> tuple[list[dict], dict]:
-    """Evaluate a VAE checkpoint over a preprocessed folder; returns ``(rows, summary)``."""
+    """Evaluate a VAE checkpoint over a preprocessed folder; returns ``(rows, summary)``.
+
+    VecSet only: ``num_latents`` tokens per shape (default: the VAE's; may differ from training) from
+    ``n_surface`` + ``n_sharp`` input points (default: the VAE's training values).
+    """
     from tqdm import tqdm
 
     from shapeflow.data.datasets import ObjectFolder
@@ -162,18 +167,21 @@ def eval_vae(vae_path: str | Path, data_dir: str | Path, *, split: str = "val", 
     from shapeflow.models import load_vae
 
     vae, kind = load_vae(vae_path)
+    if kind != "vecset_vae" and (num_latents, n_surface, n_sharp) != (None, None, None):
+        raise ValueError(f"{vae_path}: num_latents / surface points apply to VecSet VAEs, not {kind}")
     vae.to(device)
     folder = ObjectFolder(data_dir, split=split, val_fraction=val_fraction, split_seed=split_seed)
     if len(folder) == 0:
         raise ValueError(f"{data_dir}: no objects in split {split!r}")
     defaults = _vae_data_defaults(Path(vae_path))
-    n_surface, n_sharp = int(defaults.get("n_surface", 4096)), int(defaults.get("n_sharp", 1024))
+    n_surface = int(defaults.get("n_surface", 4096)) if n_surface is None else int(n_surface)
+    n_sharp = int(defaults.get("n_sharp", 1024)) if n_sharp is None else int(n_sharp)
     idx = range(len(folder)) if limit is None else range(min(limit, len(folder)))
     rows = []
     for i in tqdm(idx, desc="eval-vae", unit="obj", disable=not progress):
         rec = folder.records[i]
         r = reconstruct_object(vae, kind, folder.object_dir(i), resolution=resolution, strategy=strategy,
-                               n_surface=n_surface, n_sharp=n_sharp, n_points=n_points)
+                               n_surface=n_surface, n_sharp=n_sharp, n_points=n_points, num_latents=num_latents)
         rows.append({"id": rec["id"], "name": Path(rec["source"]).stem, **r["metrics"]})
     return rows, summarize(rows)
 

@@ -630,7 +630,8 @@ def test_eval_vae_table_and_json(root, vecset_run, grid_occ_run, tmp_path, capsy
     assert len(rows) == 2 + 1 + 1 and rows[-1].startswith("| **mean (1)**")
 
 
-def test_eval_vae_token_and_point_counts_reach_the_encoder(root, vecset_run, grid_occ_run, monkeypatch, capsys):
+def _spy_encoder(monkeypatch) -> list[tuple[int, int]]:
+    """Record ``(input points, tokens)`` of every VecSet encode."""
     from shapeflow.models.vecset_vae import VecSetVAE
 
     seen = []
@@ -642,6 +643,11 @@ def test_eval_vae_token_and_point_counts_reach_the_encoder(root, vecset_run, gri
         return posterior
 
     monkeypatch.setattr(VecSetVAE, "encode", spy)
+    return seen
+
+
+def test_eval_vae_token_and_point_counts_reach_the_encoder(root, vecset_run, grid_occ_run, monkeypatch, capsys):
+    seen = _spy_encoder(monkeypatch)
     assert sf("eval-vae", root / "prep", "--ckpt", vecset_run, "--split", "all", "--limit", 1, "--resolution", 16,
               "--points", 500, "--num-latents", 12, "--surface-points", 300, "--sharp-points", 20) == 0
     assert seen == [(320, 12)]
@@ -652,6 +658,18 @@ def test_eval_vae_token_and_point_counts_reach_the_encoder(root, vecset_run, gri
     capsys.readouterr()
     assert sf("eval-vae", root / "prep", "--ckpt", grid_occ_run, "--split", "all", "--num-latents", 12) == 2
     assert_one_line_error(capsys, "eval-vae", "num_latents", "VecSet")
+
+
+def test_reconstruct_token_count(vecset_run, grid_occ_run, monkeypatch, tmp_path, capsys):
+    mesh = mesh_paths(1)[0]
+    seen = _spy_encoder(monkeypatch)
+    assert sf("reconstruct", mesh, "--ckpt", vecset_run, "--out", tmp_path / "rec", "--resolution", 16,
+              "--prep-resolution", 32, "--points", 500, "--num-latents", 20) == 0
+    assert [m for _, m in seen] == [20]
+    capsys.readouterr()
+    assert sf("reconstruct", mesh, "--ckpt", grid_occ_run, "--out", tmp_path / "g", "--num-latents", 12) == 2
+    assert_one_line_error(capsys, "reconstruct", "--num-latents", "VecSet")
+    assert not (tmp_path / "g").exists()
 
 
 # =================================================================================================

@@ -26,6 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--decoder", choices=["dense", "hierarchical"], default="hierarchical")
     p.add_argument("--prep-resolution", type=int, default=256, metavar="R", help="watertight grid of the input")
     p.add_argument("--points", type=int, default=100_000, metavar="N", help="surface samples per mesh for metrics")
+    p.add_argument("--num-latents", type=int, default=None, metavar="M",
+                   help="VecSet tokens per shape (default: the VAE's; more than trained with can add detail)")
     p.add_argument("--format", default="glb", choices=["glb", "obj", "ply"])
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
@@ -43,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
     vae, kind = load_vae(args.ckpt)
     if args.model != "auto" and kind != f"{args.model}_vae":
         raise ValueError(f"{args.ckpt}: is a {kind} checkpoint, not {args.model}")
+    if args.num_latents is not None and kind != "vecset_vae":
+        raise ValueError(f"{args.ckpt}: --num-latents applies to VecSet VAEs, not {kind}")
     vae.to(args.device)
     tsdf = dict(tsdf_res=vae.cfg.resolution, tsdf_trunc=vae.cfg.sdf_truncation) \
         if kind == "grid_vae" and vae.cfg.input == "sdf" else {}
@@ -60,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
             continue
         r = reconstruct_object(vae, kind, out / "prep" / rec["id"], resolution=args.resolution,
                                strategy=args.decoder, n_surface=int(defaults.get("n_surface", 4096)),
-                               n_sharp=int(defaults.get("n_sharp", 1024)), n_points=args.points)
+                               n_sharp=int(defaults.get("n_sharp", 1024)), n_points=args.points,
+                               num_latents=args.num_latents)
         m = r["metrics"]
         results[name] = {"source": str(mesh_path), "id": rec["id"], **m}
         if r["mesh"] is None:

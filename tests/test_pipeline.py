@@ -657,7 +657,14 @@ def test_eval_vae_token_and_point_counts_reach_the_encoder(root, vecset_run, gri
     assert seen[1] == (trained["data"]["n_surface"] + trained["data"]["n_sharp"], trained["model"]["num_latents"])
     capsys.readouterr()
     assert sf("eval-vae", root / "prep", "--ckpt", grid_occ_run, "--split", "all", "--num-latents", 12) == 2
-    assert_one_line_error(capsys, "eval-vae", "num_latents", "VecSet")
+    assert_one_line_error(capsys, "eval-vae", "--num-latents", "VecSet")
+    # counts that cannot work are refused before any object is encoded, naming the checkpoint and the flag
+    for flags, needle in ((["--num-latents", 0], "--num-latents must be >= 1"),
+                          (["--surface-points", 0], "--surface-points must be >= 1"),
+                          (["--num-latents", 100, "--surface-points", 90, "--sharp-points", 0], "exceeds the 90")):
+        assert sf("eval-vae", root / "prep", "--ckpt", vecset_run, "--split", "all", *flags) == 2
+        assert_one_line_error(capsys, "eval-vae", str(vecset_run), needle)
+    assert len(seen) == 2
 
 
 def test_reconstruct_token_count(vecset_run, grid_occ_run, monkeypatch, tmp_path, capsys):
@@ -669,7 +676,9 @@ def test_reconstruct_token_count(vecset_run, grid_occ_run, monkeypatch, tmp_path
     capsys.readouterr()
     assert sf("reconstruct", mesh, "--ckpt", grid_occ_run, "--out", tmp_path / "g", "--num-latents", 12) == 2
     assert_one_line_error(capsys, "reconstruct", "--num-latents", "VecSet")
-    assert not (tmp_path / "g").exists()
+    assert sf("reconstruct", mesh, "--ckpt", vecset_run, "--out", tmp_path / "big", "--num-latents", 10**6) == 2
+    assert_one_line_error(capsys, "reconstruct", str(vecset_run), "exceeds")
+    assert not (tmp_path / "g").exists() and not (tmp_path / "big").exists()
 
 
 # =================================================================================================

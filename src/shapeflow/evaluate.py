@@ -150,6 +150,27 @@ def format_table(rows: list[dict], summary: dict) -> str:
     return head + body + line(f"**mean ({summary['objects']})**", summary)
 
 
+def check_encoder_counts(source, kind: str, num_latents: int | None, n_surface: int | None,
+                         n_sharp: int | None, *, trained: tuple[int, int]) -> None:
+    """Reject token / input-point counts that cannot work, before any object is processed.
+
+    ``None`` means the VAE's own value; ``trained`` = its ``(n_surface, n_sharp)``. The counts are
+    VecSet-only: a grid VAE with any of them set is an error.
+    """
+    if kind != "vecset_vae":
+        if (num_latents, n_surface, n_sharp) != (None, None, None):
+            raise ValueError(f"{source}: --num-latents / --surface-points / --sharp-points apply to VecSet VAEs, "
+                             f"not {kind}")
+        return
+    for name, value, low in (("--num-latents", num_latents, 1), ("--surface-points", n_surface, 1),
+                             ("--sharp-points", n_sharp, 0)):
+        if value is not None and value < low:
+            raise ValueError(f"{source}: {name} must be >= {low}, got {value}")
+    inputs = (trained[0] if n_surface is None else n_surface) + (trained[1] if n_sharp is None else n_sharp)
+    if num_latents is not None and num_latents > inputs:
+        raise ValueError(f"{source}: --num-latents {num_latents} exceeds the {inputs} encoder input points")
+
+
 def eval_vae(vae_path: str | Path, data_dir: str | Path, *, split: str = "val", val_fraction: float = 0.1,
              split_seed: int = 0, limit: int | None = None, resolution: int = 128,
              strategy: str = "hierarchical", n_points: int = 100_000, device: str = "cpu",
@@ -167,15 +188,15 @@ def eval_vae(vae_path: str | Path, data_dir: str | Path, *, split: str = "val", 
     from shapeflow.models import load_vae
 
     vae, kind = load_vae(vae_path)
-    if kind != "vecset_vae" and (num_latents, n_surface, n_sharp) != (None, None, None):
-        raise ValueError(f"{vae_path}: num_latents / surface points apply to VecSet VAEs, not {kind}")
+    defaults = _vae_data_defaults(Path(vae_path))
+    trained = int(defaults.get("n_surface", 4096)), int(defaults.get("n_sharp", 1024))
+    check_encoder_counts(vae_path, kind, num_latents, n_surface, n_sharp, trained=trained)
     vae.to(device)
     folder = ObjectFolder(data_dir, split=split, val_fraction=val_fraction, split_seed=split_seed)
     if len(folder) == 0:
         raise ValueError(f"{data_dir}: no objects in split {split!r}")
-    defaults = _vae_data_defaults(Path(vae_path))
-    n_surface = int(defaults.get("n_surface", 4096)) if n_surface is None else int(n_surface)
-    n_sharp = int(defaults.get("n_sharp", 1024)) if n_sharp is None else int(n_sharp)
+    n_surface = trained[0] if n_surface is None else int(n_surface)
+    n_sharp = trained[1] if n_sharp is None else int(n_sharp)
     idx = range(len(folder)) if limit is None else range(min(limit, len(folder)))
     rows = []
     for i in tqdm(idx, desc="eval-vae", unit="obj", disable=not progress):

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from shapeflow import fileio
     from shapeflow.data.latents import _vae_data_defaults
     from shapeflow.data.preprocess import PreprocessConfig, object_id, process_object
-    from shapeflow.evaluate import reconstruct_object
+    from shapeflow.evaluate import check_encoder_counts, reconstruct_object
     from shapeflow.geometry.frame import Transform
     from shapeflow.geometry.io import save_mesh
     from shapeflow.models import load_vae
@@ -45,14 +45,14 @@ def run(args: argparse.Namespace) -> int:
     vae, kind = load_vae(args.ckpt)
     if args.model != "auto" and kind != f"{args.model}_vae":
         raise ValueError(f"{args.ckpt}: is a {kind} checkpoint, not {args.model}")
-    if args.num_latents is not None and kind != "vecset_vae":
-        raise ValueError(f"{args.ckpt}: --num-latents applies to VecSet VAEs, not {kind}")
+    defaults = _vae_data_defaults(Path(args.ckpt))
+    n_surface, n_sharp = int(defaults.get("n_surface", 4096)), int(defaults.get("n_sharp", 1024))
+    check_encoder_counts(args.ckpt, kind, args.num_latents, None, None, trained=(n_surface, n_sharp))
     vae.to(args.device)
     tsdf = dict(tsdf_res=vae.cfg.resolution, tsdf_trunc=vae.cfg.sdf_truncation) \
         if kind == "grid_vae" and vae.cfg.input == "sdf" else {}
     prep_cfg = PreprocessConfig(resolution=args.prep_resolution, surface_points=20_000, sharp_points=8_192,
                                 sdf_points=100_000, **tsdf)
-    defaults = _vae_data_defaults(Path(args.ckpt))
     out = Path(args.out)
     results, failed = {}, 0
     for mesh_path in args.meshes:
@@ -63,8 +63,7 @@ def run(args: argparse.Namespace) -> int:
             failed += 1
             continue
         r = reconstruct_object(vae, kind, out / "prep" / rec["id"], resolution=args.resolution,
-                               strategy=args.decoder, n_surface=int(defaults.get("n_surface", 4096)),
-                               n_sharp=int(defaults.get("n_sharp", 1024)), n_points=args.points,
+                               strategy=args.decoder, n_surface=n_surface, n_sharp=n_sharp, n_points=args.points,
                                num_latents=args.num_latents)
         m = r["metrics"]
         results[name] = {"source": str(mesh_path), "id": rec["id"], **m}

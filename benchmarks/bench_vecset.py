@@ -481,6 +481,8 @@ def main() -> None:
                 variants[name] = json.loads(overrides or "{}")
             except json.JSONDecodeError as err:
                 ap.error(f"--variant {spec!r}: the part after '=' must be a JSON object ({err})")
+            if not name or not isinstance(variants[name], dict):
+                ap.error(f"--variant {spec!r}: expected NAME={{tiny preset overrides as a JSON object}}")
         results["tiny_step"] = bench_tiny_step(args.data, args.repeats, variants or None)
         print(json.dumps(results["tiny_step"]), flush=True)
     if args.part == "tiny-real":

@@ -24,7 +24,8 @@ Parts (``--part``, default ``all``):
   the marching-cubes vertices to the dense mesh's, and whether the largest connected component is
   the dense one's (trained tiny models leave small floaters, which a coarse level can miss).
 * ``tiny-step``: one tiny training step (batch 8 of ``--data``, the shipped occupancy loss), the plain
-  and the position-biased decoder (or the ``--variant NAME=JSON`` tiny overrides) interleaved, median of
+  and the position-biased decoder (or the ``--variant NAME=JSON`` tiny overrides), each under every
+  ``--precision`` (fp32, or bf16 autocast as ``train.precision=bf16``), interleaved, median of
   ``--repeats``.
 * ``mem``: peak RSS of a chunked dense 256^3 decode with the base preset, in a fresh subprocess
   (``--mem-chunks`` chunks; memory is at steady state after the first chunk).
@@ -344,9 +345,10 @@ def bench_hier_real(ckpt: str, data: str, objects: int, res: int) -> dict:
     return dict(ckpt=ckpt, objects=len(rows["dense"]), resolution=res, **out)
 
 
-def bench_tiny_step(data: str, reps: int, variants: dict[str, dict] | None = None) -> dict:
-    """Median fwd + bwd time of one tiny training step per model variant (tiny preset overrides),
-    the variants interleaved so a shared machine's drift hits them alike; ratios to the first."""
+def bench_tiny_step(data: str, reps: int, variants: dict[str, dict] | None = None,
+                    precisions: tuple[str, ...] = ("fp32",)) -> dict:
+    """Median fwd + bwd time of one tiny training step per model variant (tiny preset overrides) and
+    precision, all interleaved so a shared machine's drift hits them alike; ratios to the first."""
     from shapeflow.data.datasets import VecSetDataset
 
     variants = variants or {"plain": {"position_bias": False}, "position_bias": {}}
@@ -360,16 +362,19 @@ def bench_tiny_step(data: str, reps: int, variants: dict[str, dict] | None = Non
         torch.manual_seed(0)
         models[name] = VecSetVAE(from_preset("tiny", **overrides))
         torch.nn.init.normal_(models[name].geo_decoder.output_proj.weight, std=0.01)
-    times: dict[str, list[float]] = {name: [] for name in models}
+    runs = {(f"{name}/{p}" if len(precisions) > 1 else name): (model, p)
+            for name, model in models.items() for p in precisions}
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(reps + 1):
-        for name, model in models.items():
+        for name, (model, precision) in runs.items():
             t0 = time.perf_counter()
-            loss, _ = vecset_vae_loss(model, batch, cfg, generator=torch.Generator().manual_seed(0))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss, _ = vecset_vae_loss(model, batch, cfg, generator=torch.Generator().manual_seed(0))
             loss.backward()
             times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(t[1:]) for name, t in times.items()}  # the first step warms up
     first = next(iter(med))
-    return dict(batch=8, variants=variants, median_s=med, ratio={n: med[n] / med[first] for n in med},
+    return dict(batch=8, variants=variants, precisions=list(precisions), median_s=med, ratio={n: med[n] / med[first] for n in med},
                 all_s={n: t[1:] for n, t in times.items()})
 
 
@@ -423,6 +428,8 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                     help="tiny-step: a model variant as tiny preset overrides (repeatable; default: the plain "
                          "and the position-biased decoder)")
+    ap.add_argument("--precision", action="append", choices=["fp32", "bf16"], default=[],
+                    help="tiny-step: time under this precision (repeatable; default fp32)")
     ap.add_argument("--res", type=int, default=256)
     ap.add_argument("--chunk", type=int, default=16384)
     ap.add_argument("--dense-chunks", type=int, default=24)
@@ -483,7 +490,8 @@ def main() -> None:
                 ap.error(f"--variant {spec!r}: the part after '=' must be a JSON object ({err})")
             if not name or not isinstance(variants[name], dict):
                 ap.error(f"--variant {spec!r}: expected NAME={{tiny preset overrides as a JSON object}}")
-        results["tiny_step"] = bench_tiny_step(args.data, args.repeats, variants or None)
+        results["tiny_step"] = bench_tiny_step(args.data, args.repeats, variants or None,
+                                               tuple(dict.fromkeys(args.precision)) or ("fp32",))
         print(json.dumps(results["tiny_step"]), flush=True)
     if args.part == "tiny-real":
         if not args.ckpt or not args.data:

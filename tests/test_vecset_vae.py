@@ -378,6 +378,50 @@ def test_distance_penalty_channels_equal_the_explicit_mask(d):
     torch.testing.assert_close(outs[1], logits.softmax(-1) @ v.double(), rtol=1e-9, atol=1e-9)
 
 
+def test_attention_runs_in_float32_under_cpu_autocast(monkeypatch):
+    # bf16 linears, float32 attention: the kernel must see float32 inputs, the result must equal the
+    # float32 attention of the same (bf16-rounded) inputs, and it comes back in the autocast dtype
+    from shapeflow.nn import attention as attn_mod
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g).bfloat16() for n in (40, 12, 12))
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(args[0].dtype)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attn_mod.F, "scaled_dot_product_attention", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn_mod.sdpa(q, k, v)
+    assert seen == [torch.float32] and out.dtype == torch.bfloat16
+    ref = real(q.float(), k.float(), v.float())
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=1e-2)  # only the final bf16 rounding
+    # the distance-penalty attention takes the fused float32 channel path too (no explicit mask)
+    xq, xk = torch.rand(2, 40, 3, generator=g) * 2 - 1, torch.rand(2, 12, 3, generator=g) * 2 - 1
+    w = torch.tensor([200.0, 12.0, 0.5])
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention_with_distance_penalty(q, k, v, xq, xk, w)
+    logits = q.double() @ k.double().transpose(-1, -2) / 4 + distance_bias(xq, xk, w).double()
+    assert out.dtype == torch.bfloat16 and seen == [torch.float32]
+    torch.testing.assert_close(out.double(), logits.softmax(-1) @ v.double(), rtol=0, atol=1e-2)
+    # a whole tiny model: the residual streams stay float32 (so do the tokens the positions are read
+    # from), and the field is close to the float32 one (bf16 rounding of the projections remains)
+    m, batch = tiny_model(position_bias=True).eval(), sphere_batch()
+    torch.nn.init.normal_(m.geo_decoder.output_proj.weight, std=0.1)
+    qi = torch.arange(16).expand(2, 16)
+    with torch.no_grad():
+        ref = m(batch["surface"], batch["points"], sample_posterior=False, query_idx=qi)["field"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = m(batch["surface"], batch["points"], sample_posterior=False, query_idx=qi)["field"]
+            tokens = m.decode(torch.randn(2, 16, 4, generator=g))
+    assert tokens.dtype == torch.float32
+    err = (low.float() - ref).abs().mean() / ref.std()
+    assert err < 0.02, err
+
+
 def test_position_bias_loss_term_and_gradients():
     batch = sphere_batch()
     m = tiny_model(position_bias=True)

@@ -201,6 +201,16 @@ def select_query_indices(surface: np.ndarray, num_latents: int, *, fps_ratio: in
 # ----------------------------------------------------------------------------------------------
 
 
+def residual_stream(x: torch.Tensor) -> torch.Tensor:
+    """The start of a residual stream: float32 under autocast, unchanged otherwise.
+
+    Autocast runs each Linear in bf16 but adds its output to a float32 stream, so starting the stream in
+    float32 keeps the tokens (and the positions the decoder reads from them) at float32 accuracy for
+    the price of one cast; without it the whole stream, and every position, is rounded to bf16.
+    """
+    return x.float() if torch.is_autocast_enabled(x.device.type) else x
+
+
 def _block_kwargs(cfg: VecSetVAEConfig, cross: bool = False) -> dict:
     heads = cfg.cross_heads if (cross and cfg.cross_heads is not None) else cfg.heads
     return dict(heads=heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, qk_norm=cfg.qk_norm,
@@ -221,7 +231,7 @@ class VecSetEncoder(nn.Module):
     def forward(self, data: torch.Tensor, query_idx: torch.Tensor) -> torch.Tensor:
         """data: (b, n, fourier + feats) embedded input points; query_idx: (b, m) -> (b, m, w)."""
         x = self.input_proj(data)  # (b, n, w)
-        q = x.gather(1, query_idx[..., None].expand(-1, -1, x.shape[-1]))  # (b, m, w)
+        q = residual_stream(x.gather(1, query_idx[..., None].expand(-1, -1, x.shape[-1])))  # (b, m, w)
         h = self.cross_attn(q, x)
         return self.ln_post(self.blocks(h))
 
@@ -295,7 +305,7 @@ class GeometryDecoder(nn.Module):
         :meth:`context`. -> (b, q) field values."""
         k, v, pos = context
         penalty = None if pos is None else (xyz.float(), pos, self.pos_log_weight.float().exp())
-        x = self.query_proj(feats)  # (b, q, w)
+        x = residual_stream(self.query_proj(feats))  # (b, q, w)
         x = self.cross_attn(x, kv=(k, v), distance_penalty=penalty, topk=topk, topk_stride=topk_stride)
         return self.output_proj(self.ln_post(x)).squeeze(-1)  # (b, q)
 
@@ -417,7 +427,7 @@ class VecSetVAE(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents (b, m, c) (VAE space, i.e. *not* multiplied by latent_scale) -> tokens (b, m, w)."""
-        return self.decoder(self.post_kl(z))
+        return self.decoder(residual_stream(self.post_kl(z)))
 
     def query(self, points: torch.Tensor, tokens: torch.Tensor, *, chunk_size: int | None = None,
               topk: int | None = None, topk_stride: int = 16) -> torch.Tensor:

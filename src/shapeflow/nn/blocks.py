@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from shapeflow.nn.attention import MLP, Attention
+from shapeflow.nn.attention import MLP, Attention, sdpa
 
 
 class SelfAttentionBlock(nn.Module):
@@ -109,11 +109,11 @@ class CrossAttentionBlock(nn.Module):
         if topk is not None and topk < k.shape[2]:
             bias = None if distance_penalty is None else distance_bias(*distance_penalty)
             k, v, bias = select_topk_kv(q, k, v, topk, stride=topk_stride, bias=bias)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
+            out = sdpa(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
         elif distance_penalty is not None:
             out = attention_with_distance_penalty(q, k, v, *distance_penalty)
         else:
-            out = F.scaled_dot_product_attention(q, k, v)  # (b, h, n, d)
+            out = sdpa(q, k, v)  # (b, h, n, d)
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)  # (b, n, h*d)
         x = x + self.attn.to_out(out)
         return x + self.mlp(self.ln_3(x))
@@ -133,8 +133,14 @@ def attention_with_distance_penalty(q: torch.Tensor, k: torch.Tensor, v: torch.T
     - w |x|^2``, and the last term is the same for every key of a query, so softmax ignores it. Padding
     the channels to a multiple of 8 keeps SDPA's fused kernels (measured on the CPU: 1.5x the plain
     attention's time instead of 6x for an explicit (b, h, n, m) mask). In lower precisions the extra
-    channels (``2 w x`` reaches ~10^3) would lose the logits' accuracy, so an explicit mask is used.
+    channels (``2 w x`` reaches ~10^3) would lose the logits' accuracy, so an explicit mask is used on
+    CUDA; on a CPU under autocast the whole attention runs in float32 instead (see
+    :func:`shapeflow.nn.attention.sdpa`), which keeps the fused kernel.
     """
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        with torch.autocast("cpu", enabled=False):
+            return attention_with_distance_penalty(q.float(), k.float(), v.float(), xq, xk, w).to(dtype)
     if q.dtype != torch.float32:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=distance_bias(xq, xk, w).to(q.dtype))
     b, h, n, d = q.shape

@@ -75,6 +75,28 @@ def test_query_group_fractions(prepared):
     item = ds[0]
     # All points come from the fine near-surface group: |sdf| small.
     assert item["sdf"].abs().max() < 0.06
+    assert (item["groups"] == 1).all()
+    ds = VecSetDataset(prepared, n_surface=8, n_sharp=0, n_queries=100, query_fractions=(0.5, 0.2, 0.3),
+                       split="all")
+    assert np.bincount(ds[1]["groups"].numpy(), minlength=3).tolist() == [50, 20, 30]
+
+
+def test_vecset_items_are_rows_of_the_file(prepared):
+    # every drawn surface point / query is one row of the object's arrays, with its own normal, flag,
+    # value and group (the loader reads them through memory maps)
+    from shapeflow.data import format as fmt
+
+    ds = VecSetDataset(prepared, n_surface=50, n_sharp=20, n_queries=120, split="all")
+    for i in range(len(ds)):
+        a = fmt.read_sample_file(ds.object_dir(i) / fmt.SAMPLES_FILE)
+        item = ds[i]
+        table = np.concatenate([a["surface_points"], a["surface_normals"]], axis=1)
+        for row in item["surface"].numpy():
+            hit = np.flatnonzero((table == row[:6]).all(axis=1))
+            assert len(hit) and a["surface_sharp"][hit[0]] == bool(row[6])
+        for p, v, g in zip(item["points"].numpy(), item["sdf"].numpy(), item["groups"].numpy()):
+            hit = np.flatnonzero((a["sdf_points"] == p).all(axis=1))
+            assert len(hit) and a["sdf_values"][hit[0]] == v and a["sdf_group"][hit[0]] == g
 
 
 def test_splits_are_disjoint_and_cover(prepared):

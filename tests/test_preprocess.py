@@ -301,12 +301,21 @@ def test_sample_file_format_roundtrip_and_validation(tmp_path):
         "surface_sharp": np.r_[np.zeros(7, bool), np.ones(3, bool)],
         "sdf_points": rng.random((20, 3), dtype=np.float32),
         "sdf_values": rng.random(20, dtype=np.float32),
-        "sdf_group": np.zeros(20, np.uint8),
+        "sdf_group": np.repeat(np.arange(3, dtype=np.uint8), [8, 5, 7]),
         "occ64": np.zeros((64, 64, 64), bool),
     }
     fmt.write_sample_file(tmp_path / "s.safetensors", arrays)
     back = fmt.read_sample_file(tmp_path / "s.safetensors")
     assert back.keys() == arrays.keys() and all(np.array_equal(back[k], arrays[k]) for k in arrays)
+    # memory maps hold the same arrays (dtypes and shapes too), read-only
+    mm = fmt.read_sample_file(tmp_path / "s.safetensors", mmap=True)
+    assert mm.keys() == arrays.keys()
+    for k in arrays:
+        assert mm[k].dtype == arrays[k].dtype and np.array_equal(mm[k], arrays[k]), k
+    assert not mm["sdf_values"].flags.writeable
+    assert list(fmt.read_sample_file(tmp_path / "s.safetensors", ["sdf_group"], mmap=True)) == ["sdf_group"]
+    with pytest.raises(KeyError):
+        fmt.read_sample_file(tmp_path / "s.safetensors", ["tsdf"], mmap=True)
     assert list(fmt.read_sample_file(tmp_path / "s.safetensors", ["occ64"])) == ["occ64"]
     with pytest.raises(KeyError):
         fmt.read_sample_file(tmp_path / "s.safetensors", ["tsdf"])
@@ -317,9 +326,11 @@ def test_sample_file_format_roundtrip_and_validation(tmp_path):
         ("sdf_values", rng.random(19, dtype=np.float32)),  # Q mismatch
         ("occ64", np.zeros((32, 32, 32), bool)),
         ("surface_sharp", np.r_[np.ones(3, bool), np.zeros(7, bool)]),  # sharp points not at the tail
+        ("sdf_group", np.r_[np.ones(10, np.uint8), np.zeros(10, np.uint8)]),  # groups out of order
     ]
+    messages = {"surface_sharp": "tail", "sdf_group": "sorted"}
     for name, value in bad:
-        with pytest.raises(ValueError, match=name if name != "surface_sharp" else "tail"):
+        with pytest.raises(ValueError, match=messages.get(name, name)):
             fmt.validate({**arrays, name: value})
     with pytest.raises(ValueError, match="missing"):
         fmt.validate({k: v for k, v in arrays.items() if k != "occ64"})

@@ -149,6 +149,16 @@ def _choose(rng: np.random.Generator, pool: np.ndarray, k: int) -> np.ndarray:
     return rng.choice(pool, size=k, replace=len(pool) < k)
 
 
+def _choose_range(rng: np.random.Generator, start: int, stop: int, k: int) -> np.ndarray:
+    """``_choose(rng, np.arange(start, stop), k)`` (the same draws) without building the range."""
+    n = stop - start
+    if k <= 0:
+        return np.zeros(0, np.int64)
+    if n <= 0:
+        raise ValueError("cannot draw from an empty set")
+    return start + rng.choice(n, size=k, replace=n < k)
+
+
 class VecSetDataset(ObjectFolder):
     """Items for VecSet VAEs: a surface subsample with its sharp subset, and SDF-labelled queries.
 
@@ -195,35 +205,37 @@ class VecSetDataset(ObjectFolder):
         self.query_fractions = tuple(float(x) for x in query_fractions)
 
     def __getitem__(self, index: int) -> dict:
+        # memory maps: only the drawn rows are read. The format keeps the sharp points as the tail of
+        # the surface arrays and the SDF groups sorted (validated at write time), so each pool is a
+        # range found by binary search.
         a = fmt.read_sample_file(
             self.object_dir(index) / fmt.SAMPLES_FILE,
             ["surface_points", "surface_normals", "surface_sharp", "sdf_points", "sdf_values", "sdf_group"],
+            mmap=True,
         )
         rng = self._rng(index)
         sharp = a["surface_sharp"]
-        uni_pool = np.flatnonzero(~sharp)
-        sharp_pool = np.flatnonzero(sharp)
-        if len(uni_pool) == 0:
-            uni_pool = sharp_pool
-        iu = _choose(rng, uni_pool, self.n_surface)
-        if len(sharp_pool):
-            isharp = _choose(rng, sharp_pool, self.n_sharp)
-        else:
-            isharp = _choose(rng, uni_pool, self.n_sharp)
+        ns = len(sharp)
+        n_uni = int(np.searchsorted(sharp.view(np.uint8), 1))  # first sharp point
+        uni = (0, n_uni) if n_uni else (n_uni, ns)  # no uniform points: draw them from the sharp ones
+        iu = _choose_range(rng, *uni, self.n_surface)
+        isharp = _choose_range(rng, *((n_uni, ns) if n_uni < ns else uni), self.n_sharp)
         idx = np.concatenate([iu, isharp])
-        flag = np.concatenate([np.zeros(len(iu)), sharp[isharp].astype(np.float64)])
+        flag = (idx[len(iu):] >= n_uni).astype(np.float32)
+        flag = np.concatenate([np.zeros(len(iu), np.float32), flag])
         surface = np.concatenate(
-            [a["surface_points"][idx], a["surface_normals"][idx], flag[:, None].astype(np.float32)], axis=1
+            [a["surface_points"][idx], a["surface_normals"][idx], flag[:, None]], axis=1
         )  # (n + k, 7)
 
         group = a["sdf_group"]
-        pools = [np.flatnonzero(group == g) for g in range(3)]
-        w = np.array([f if len(p) else 0.0 for f, p in zip(self.query_fractions, pools)])
+        bounds = [0, *np.searchsorted(group, [1, 2]).tolist(), len(group)]
+        sizes = [bounds[g + 1] - bounds[g] for g in range(3)]
+        w = np.array([f if n else 0.0 for f, n in zip(self.query_fractions, sizes)])
         if not w.sum() > 0:
             raise ValueError(f"{self.object_dir(index)}: no SDF samples in the requested groups")
         counts = np.floor(w / w.sum() * self.n_queries).astype(int)
         counts[np.argmax(w)] += self.n_queries - int(counts.sum())
-        qi = np.concatenate([_choose(rng, p, c) for p, c in zip(pools, counts)])
+        qi = np.concatenate([_choose_range(rng, bounds[g], bounds[g + 1], c) for g, c in enumerate(counts)])
         item = self._base_item(index)
         item["surface"] = torch.from_numpy(np.ascontiguousarray(surface, dtype=np.float32))
         item["points"] = torch.from_numpy(np.ascontiguousarray(a["sdf_points"][qi], dtype=np.float32))

@@ -24,7 +24,9 @@ from shapeflow.train.tasks import TASKS, ToyMLP, ToyModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_YAML = REPO / "configs" / "toy.yaml"
-QUIET = ["train.log_every=4", "train.num_workers=0"]
+# float32 everywhere: the engine tests compare runs bit for bit or to 1e-6 (with precision auto an AMX
+# CPU would train in bf16; that path has its own test)
+QUIET = ["train.log_every=4", "train.num_workers=0", "train.precision=fp32"]
 
 
 @pytest.fixture(autouse=True)
@@ -189,6 +191,38 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, workers):
     la = [r["loss"] for r in train_records(tmp_path / "a") if r["step"] > 12]
     lb = [r["loss"] for r in train_records(tmp_path / "b") if r["step"] > 12]
     assert la == lb and len(la) == 3
+
+
+def test_precision_auto_is_bf16_on_cuda_and_amx_cpus(monkeypatch):
+    from shapeflow.train import loop
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for amx in (True, False):
+        monkeypatch.setattr(loop, "cpu_has_amx", lambda amx=amx: amx)
+        assert loop.use_bf16("auto", cpu) is amx
+        assert loop.use_bf16("auto", cuda) is True
+        assert loop.use_bf16("bf16", cpu) is True and loop.use_bf16("fp32", cpu) is False
+        assert loop.use_bf16("fp32", cuda) is False
+
+
+def test_bf16_autocast_on_cpu_trains(tmp_path, monkeypatch):
+    from shapeflow.train import loop
+
+    seen = []
+    real = loop.torch.autocast
+
+    def spy(*args, **kwargs):
+        seen.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop.torch, "autocast", spy)
+    out = tmp_path / "run"
+    run(toy_cfg(out, "train.steps=40", "train.ckpt_every=0", "train.val_every=0", "train.precision=bf16"))
+    assert seen and all(a == ("cpu",) and k == {"dtype": torch.bfloat16} for a, k in seen)
+    recs = train_records(out)
+    assert recs[-1]["loss"] < 0.5 * recs[0]["loss"], (recs[0]["loss"], recs[-1]["loss"])
+    w = ckpt_lib.read_weights(out, "model")
+    assert all(v.dtype == torch.float32 for v in w.values())  # fp32 master weights
 
 
 def test_grad_accum_and_checkpointing_do_not_change_the_update(tmp_path):

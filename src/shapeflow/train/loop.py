@@ -31,8 +31,10 @@ Design choices:
 * AdamW with decoupled weight decay on matrices only (not on 1-D params / embeddings, unless
   ``train.decay_norms_and_biases``), linear warm-up then cosine decay to ``min_lr`` computed from the
   step (stateless, so resume cannot drift), global-norm gradient clipping, EMA (:mod:`.ema`).
-* Precision: fp32 master weights; bf16 autocast on CUDA (``precision: auto``), fp32 on CPU; no grad
-  scaler (bf16 has fp32's range).
+* Precision: fp32 master weights; ``precision: auto`` is bf16 autocast on CUDA and on CPUs with AMX
+  tile units (Intel Sapphire Rapids and later: bf16 matmuls there run ~5x faster than float32, a tiny
+  VecSet step 1.5x, BENCHMARKS.md), fp32 on other CPUs (where bf16 is slower than float32); no grad
+  scaler (bf16 has fp32's range). Attention runs in float32 on the CPU (:func:`shapeflow.nn.attention.sdpa`).
 * NaN/inf: the loss terms (averaged over ranks) and the gradient norm are checked every step before the
   update; on a non-finite value every rank raises :class:`NonFiniteLossError` naming the step and the
   terms, nothing is updated or saved, and the last good checkpoint stays ``latest``.
@@ -93,6 +95,21 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tile units (where bf16 matmuls beat float32 several times)."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # a private torch API: its absence means "don't know" -> no
+        return False
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast? ``"bf16"``: yes; ``"fp32"``: no; ``"auto"``: on CUDA and on CPUs with AMX."""
+    if precision == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and cpu_has_amx())
+    return precision == "bf16"
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.AdamW, list[str]]:
@@ -482,7 +499,7 @@ def _run(cfg: ExperimentConfig, task: Task, info: dist.DistInfo, device: torch.d
     fsdp = tc.strategy == "fsdp" and info.is_distributed
     if tc.strategy == "fsdp" and not info.is_distributed:
         dist.print0("train.strategy=fsdp in a single process: training unsharded")
-    bf16 = tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda")
+    bf16 = use_bf16(tc.precision, device)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     if device.type == "cuda" and tc.precision != "fp32":
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts

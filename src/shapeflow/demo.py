@@ -44,7 +44,7 @@ class DemoConfig:
     sharp_points: int = 4_096  # sharp-edge samples per object
     sdf_points: int = 32_768  # SDF samples per object
     real_resolution: int = 256  # watertight grid for the real meshes
-    vae_steps: int = 900
+    vae_steps: int = 1100
     vae_batch: int = 8
     dit_steps: int = 700
     dit_batch: int = 32

@@ -140,17 +140,8 @@ class ObjectFolder(Dataset):
         return np.random.default_rng([draw, int(index)])
 
 
-def _choose(rng: np.random.Generator, pool: np.ndarray, k: int) -> np.ndarray:
-    """``k`` entries of ``pool`` (indices), without replacement when possible."""
-    if k <= 0:
-        return pool[:0]
-    if len(pool) == 0:
-        raise ValueError("cannot draw from an empty set")
-    return rng.choice(pool, size=k, replace=len(pool) < k)
-
-
 def _choose_range(rng: np.random.Generator, start: int, stop: int, k: int) -> np.ndarray:
-    """``_choose(rng, np.arange(start, stop), k)`` (the same draws) without building the range."""
+    """``k`` indices drawn from ``range(start, stop)``, without replacement when possible."""
     n = stop - start
     if k <= 0:
         return np.zeros(0, np.int64)
@@ -217,12 +208,11 @@ class VecSetDataset(ObjectFolder):
         sharp = a["surface_sharp"]
         ns = len(sharp)
         n_uni = int(np.searchsorted(sharp.view(np.uint8), 1))  # first sharp point
-        uni = (0, n_uni) if n_uni else (n_uni, ns)  # no uniform points: draw them from the sharp ones
-        iu = _choose_range(rng, *uni, self.n_surface)
-        isharp = _choose_range(rng, *((n_uni, ns) if n_uni < ns else uni), self.n_sharp)
+        # no uniform points: draw them from the sharp ones; no sharp points: fill with uniform ones
+        iu = _choose_range(rng, 0, n_uni or ns, self.n_surface)
+        isharp = _choose_range(rng, n_uni if n_uni < ns else 0, ns, self.n_sharp)
         idx = np.concatenate([iu, isharp])
-        flag = (idx[len(iu):] >= n_uni).astype(np.float32)
-        flag = np.concatenate([np.zeros(len(iu), np.float32), flag])
+        flag = np.concatenate([np.zeros(len(iu)), isharp >= n_uni]).astype(np.float32)
         surface = np.concatenate(
             [a["surface_points"][idx], a["surface_normals"][idx], flag[:, None]], axis=1
         )  # (n + k, 7)

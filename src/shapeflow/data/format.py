@@ -46,6 +46,7 @@ that. Files are written atomically (:mod:`shapeflow.fileio`).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -134,26 +135,22 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np
 
 
 def _memory_map(path: Path, names) -> dict[str, np.ndarray]:
-    """Read-only memory maps of the arrays in a safetensors file (8-byte header length, JSON header, data)."""
-    import json
-
+    """Read-only views of the arrays in a safetensors file (8-byte header length, JSON header, data),
+    all on one memory map of the file."""
     with open(path, "rb") as fh:
         n = int.from_bytes(fh.read(8), "little")
         header = json.loads(fh.read(n))
     header.pop("__metadata__", None)
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
     out: dict[str, np.ndarray] = {}
     for name in header if names is None else names:
         if name not in header:
             raise KeyError(f"{path}: no array {name!r} (has {sorted(header)})")
         info = header[name]
-        begin, end = info["data_offsets"]
-        shape = tuple(info["shape"])
         if info["dtype"] not in _ST_DTYPES:
             raise ValueError(f"{path}: array {name!r} has unsupported dtype {info['dtype']}")
-        if end == begin:
-            out[name] = np.zeros(shape, _ST_DTYPES[info["dtype"]])
-            continue
-        out[name] = np.memmap(path, dtype=_ST_DTYPES[info["dtype"]], mode="r", offset=8 + n + begin, shape=shape)
+        begin, end = info["data_offsets"]
+        out[name] = buf[8 + n + begin:8 + n + end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
     return out
 
 

@@ -23,7 +23,7 @@ Parts (``--part``, default ``all``):
   untraced FlashVDM-style setting (final dilation 1); queries, field time (interleaved), Chamfer-L1 of
   the marching-cubes vertices to the dense mesh's, and whether the largest connected component is
   the dense one's (trained tiny models leave small floaters, which a coarse level can miss).
-* ``tiny-step``: one tiny training step (batch 8 of ``--data``, the shipped occupancy loss), the plain
+* ``tiny-step``: one tiny training step (batch 8 of ``--data``, the shipped truncated-SDF loss), the plain
   and the position-biased decoder (or the ``--variant NAME=JSON`` tiny overrides), each under every
   ``--precision`` (fp32, or bf16 autocast as ``train.precision=bf16``), interleaved, median of
   ``--repeats``.
@@ -356,7 +356,7 @@ def bench_tiny_step(data: str, reps: int, variants: dict[str, dict] | None = Non
                        n_sharp=512, val_fraction=0.1, split_seed=0)
     items = [ds[i] for i in range(8)]
     batch = {k: torch.stack([it[k] for it in items]) for k in ("surface", "points", "sdf", "groups")}
-    cfg = VecSetLossConfig(kind="occupancy", group_weights=(1.0, 1.0, 1.0))
+    cfg = VecSetLossConfig(kind="sdf", truncation=0.05, group_weights=(1.0, 2.0, 1.0))  # vecset_vae_tiny.yaml
     models = {}
     for name, overrides in variants.items():
         torch.manual_seed(0)
@@ -374,8 +374,8 @@ def bench_tiny_step(data: str, reps: int, variants: dict[str, dict] | None = Non
             times[name].append(time.perf_counter() - t0)
     med = {name: statistics.median(t[1:]) for name, t in times.items()}  # the first step warms up
     first = next(iter(med))
-    return dict(batch=8, variants=variants, precisions=list(precisions), median_s=med, ratio={n: med[n] / med[first] for n in med},
-                all_s={n: t[1:] for n, t in times.items()})
+    return dict(batch=8, variants=variants, precisions=list(precisions), median_s=med,
+                ratio={n: med[n] / med[first] for n in med}, all_s={n: t[1:] for n, t in times.items()})
 
 
 def bench_mem_child(res: int, chunks: int, chunk: int, strategy: str) -> dict:

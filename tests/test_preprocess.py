@@ -316,6 +316,14 @@ def test_sample_file_format_roundtrip_and_validation(tmp_path):
     assert list(fmt.read_sample_file(tmp_path / "s.safetensors", ["sdf_group"], mmap=True)) == ["sdf_group"]
     with pytest.raises(KeyError):
         fmt.read_sample_file(tmp_path / "s.safetensors", ["tsdf"], mmap=True)
+    # a truncated or garbled file is a one-line error naming it
+    data = (tmp_path / "s.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-100])
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    for name, message in (("cut", "past the end"), ("junk", "not a readable safetensors")):
+        with pytest.raises(ValueError, match=message) as err:
+            fmt.read_sample_file(tmp_path / f"{name}.safetensors", mmap=True)
+        assert f"{name}.safetensors" in str(err.value) and "\n" not in str(err.value)
     assert list(fmt.read_sample_file(tmp_path / "s.safetensors", ["occ64"])) == ["occ64"]
     with pytest.raises(KeyError):
         fmt.read_sample_file(tmp_path / "s.safetensors", ["tsdf"])

@@ -137,9 +137,15 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np
 def _memory_map(path: Path, names) -> dict[str, np.ndarray]:
     """Read-only views of the arrays in a safetensors file (8-byte header length, JSON header, data),
     all on one memory map of the file."""
-    with open(path, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(n))
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 0 < n <= size - 8:
+                raise ValueError(f"header length {n} does not fit the {size}-byte file")
+            header = json.loads(fh.read(n))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     header.pop("__metadata__", None)
     buf = np.memmap(path, dtype=np.uint8, mode="r")
     out: dict[str, np.ndarray] = {}
@@ -150,6 +156,8 @@ def _memory_map(path: Path, names) -> dict[str, np.ndarray]:
         if info["dtype"] not in _ST_DTYPES:
             raise ValueError(f"{path}: array {name!r} has unsupported dtype {info['dtype']}")
         begin, end = info["data_offsets"]
+        if 8 + n + end > size:
+            raise ValueError(f"{path}: array {name!r} ends past the end of the file (truncated?)")
         out[name] = buf[8 + n + begin:8 + n + end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
     return out
 

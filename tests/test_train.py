@@ -143,9 +143,11 @@ def test_fresh_run_refuses_existing_checkpoints_and_resume_checks_config(tmp_pat
     run(toy_cfg(out, "train.steps=4", "train.val_every=0"))
     with pytest.raises(ValueError, match="already has checkpoints; pass --resume"):
         run(toy_cfg(out, "train.steps=4"))
-    match = r"cannot resume with a different task/model/data config \(model.hidden: 16 -> 8"
+    match = r"cannot resume with a different task/model/data config or optimizer \(model.hidden: 16 -> 8"
     with pytest.raises(ValueError, match=match):
         run(toy_cfg(out, "train.steps=8", "model.hidden=8"), resume=True)
+    with pytest.raises(ValueError, match=r"or optimizer \(train.optimizer: 'adamw' -> 'muon'\)"):
+        run(toy_cfg(out, "train.steps=8", "train.optimizer=muon"), resume=True)
     match = r"train.batch_size=32 is not divisible by world size x grad_accum = 1 x 3"
     with pytest.raises(ValueError, match=match):
         run(toy_cfg(tmp_path / "other", "train.grad_accum=3"))
@@ -167,12 +169,13 @@ def _interrupting(monkeypatch, at_step: int) -> None:
     monkeypatch.setitem(TASKS, "toy", dataclasses.replace(toy, loss=loss))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_equals_uninterrupted(tmp_path, monkeypatch, workers):
+@pytest.mark.parametrize("workers,optimizer", [(0, "adamw"), (2, "adamw"), (0, "muon")])
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch, workers, optimizer):
     # dropout (torch RNG in forward), input jitter (RNG in __getitem__), EMA warm-up, grad accumulation,
     # and an epoch boundary (512 // 32 = 16 steps per epoch) inside the resumed half
     over = ["train.steps=24", "train.ckpt_every=12", "train.val_every=12", "model.dropout=0.2",
-            "train.grad_accum=2", "train.warmup_steps=5", f"train.num_workers={workers}"]
+            "train.grad_accum=2", "train.warmup_steps=5", f"train.num_workers={workers}",
+            f"train.optimizer={optimizer}"]
     run(toy_cfg(tmp_path / "a", *over))
     with monkeypatch.context() as m:
         _interrupting(m, at_step=12)
@@ -191,6 +194,40 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, workers):
     la = [r["loss"] for r in train_records(tmp_path / "a") if r["step"] > 12]
     lb = [r["loss"] for r in train_records(tmp_path / "b") if r["step"] > 12]
     assert la == lb and len(la) == 3
+
+
+def test_muon_takes_the_block_matrices_and_adamw_the_rest():
+    from shapeflow.config import TrainConfig
+    from shapeflow.models.vecset_vae import VecSetVAE, from_preset
+    from shapeflow.train.loop import CombinedOptimizer, _optimizer
+
+    model = VecSetVAE(from_preset("tiny", encoder_layers=1, decoder_layers=1))
+    opt, names = _optimizer(model, TrainConfig(optimizer="muon", lr=1e-3))
+    assert isinstance(opt, CombinedOptimizer)
+    muon, adamw = opt.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    params = dict(model.named_parameters())
+    in_muon = {n for n in names if any(params[n] is p for g in muon.param_groups for p in g["params"])}
+    assert "encoder.blocks.0.attn.to_qkv.weight" in in_muon and "geo_decoder.cross_attn.mlp.fc1.weight" in in_muon
+    for n in ("encoder.input_proj.weight", "geo_decoder.output_proj.weight", "pre_kl.weight",
+              "geo_decoder.pos_head.1.weight", "encoder.blocks.0.mlp.fc1.bias"):
+        assert n in names and n not in in_muon, n
+    assert sorted(names) == sorted(params) and all(params[n].ndim == 2 for n in in_muon)
+    # the lr the loop sets reaches both members; the state dict numbers parameters like one optimizer
+    for g in opt.param_groups:
+        g["lr"] = 0.5
+    assert all(g["lr"] == 0.5 for o in opt.optimizers for g in o.param_groups)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    sd = opt.state_dict()
+    assert sorted(sd["state"]) == list(range(len(names)))
+    assert set(sd["state"][0]) == {"momentum_buffer"} and "exp_avg" in sd["state"][len(in_muon)]
+    twin, _ = _optimizer(model, TrainConfig(optimizer="muon", lr=1e-3))
+    twin.load_state_dict(sd)
+    again = twin.state_dict()
+    assert all(torch.equal(again["state"][i]["momentum_buffer"], sd["state"][i]["momentum_buffer"])
+               for i in range(len(in_muon)))
 
 
 def test_precision_auto_is_bf16_on_cuda_and_amx_cpus(monkeypatch):

@@ -83,6 +83,8 @@ class TrainConfig:
     lr: float = 1e-4  # peak learning rate after warm-up (Hunyuan3D/TRELLIS use 1e-4)
     min_lr: float = 1e-6  # floor of the cosine decay (3DShape2VecSet min_lr)
     warmup_steps: int = 100  # linear warm-up from lr/warmup_steps to lr
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon (torch.optim.Muon, lr matched to AdamW's
+    #   update RMS) on the 2-D weights inside attention / MLP blocks, AdamW on everything else
     weight_decay: float = 0.01  # AdamW decoupled decay (Hunyuan3D 1e-2), matrices only
     decay_norms_and_biases: bool = False  # False: no weight decay on 1-D params and nn.Embedding
     betas: tuple[float, float] = (0.9, 0.99)  # AdamW betas (Hunyuan3D-2.1, Step1X-3D)

@@ -31,6 +31,11 @@ Design choices:
 * AdamW with decoupled weight decay on matrices only (not on 1-D params / embeddings, unless
   ``train.decay_norms_and_biases``), linear warm-up then cosine decay to ``min_lr`` computed from the
   step (stateless, so resume cannot drift), global-norm gradient clipping, EMA (:mod:`.ema`).
+  ``train.optimizer: muon`` hands the 2-D weights inside attention / MLP blocks to
+  :class:`torch.optim.Muon` (orthogonalised Nesterov momentum, update RMS matched to AdamW's so
+  ``train.lr`` keeps its meaning) and the rest (embeddings, input / output projections, norms, biases) to
+  AdamW; on the tiny VecSet VAE it reaches in 1000 steps what AdamW reaches in 4000 (BENCHMARKS.md).
+  DDP only (FSDP shards the matrices Muon orthogonalises).
 * Precision: fp32 master weights; ``precision: auto`` is bf16 autocast on CUDA and on CPUs with AMX
   tile units (Intel Sapphire Rapids and later: bf16 matmuls there run ~5x faster than float32, a tiny
   VecSet step 1.5x, BENCHMARKS.md), fp32 on other CPUs (where bf16 is slower than float32); no grad
@@ -112,20 +117,84 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16"
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.AdamW, list[str]]:
-    """AdamW with weight decay on matrices only; returns it and the parameter names in optimizer order."""
+def _is_block_matrix(name: str, p: torch.Tensor) -> bool:
+    """A 2-D weight inside a block, attention or MLP (what ``train.optimizer=muon`` hands to Muon)."""
+    return p.ndim == 2 and name.endswith(".weight") and any(s in name for s in ("blocks.", ".attn.", ".mlp."))
+
+
+class CombinedOptimizer:
+    """Several optimizers stepped as one, with one ``state_dict`` indexed like a single optimizer.
+
+    ``param_groups`` lists every member's groups (the same dicts, so setting ``lr`` on them reaches the
+    members); the state dict numbers parameters in that order, so checkpoints key it by parameter name
+    exactly as for a single optimizer.
+    """
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        state, groups, offset = {}, [], 0
+        for o in self.optimizers:
+            sd = o.state_dict()
+            state.update({offset + i: v for i, v in sd["state"].items()})
+            groups += [{**g, "params": [offset + i for i in g["params"]]} for g in sd["param_groups"]]
+            offset += sum(len(g["params"]) for g in o.param_groups)
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, sd: dict) -> None:
+        groups, offset = list(sd["param_groups"]), 0
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"optimizer state has {len(groups)} parameter groups, expected "
+                             f"{len(self.param_groups)} (was it saved with another train.optimizer?)")
+        for o in self.optimizers:
+            mine, groups = groups[:len(o.param_groups)], groups[len(o.param_groups):]
+            n = sum(len(g["params"]) for g in o.param_groups)
+            o.load_state_dict({"state": {i - offset: v for i, v in sd["state"].items() if offset <= i < offset + n},
+                               "param_groups": [{**g, "params": [i - offset for i in g["params"]]} for g in mine]})
+            offset += n
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer | CombinedOptimizer, list[str]]:
+    """The optimizer and the parameter names in its order.
+
+    ``adamw``: AdamW with weight decay on matrices only. ``muon``: additionally, the 2-D weights inside
+    attention / MLP blocks go to :class:`torch.optim.Muon` (orthogonalised momentum, Nesterov, momentum
+    0.95; ``adjust_lr_fn="match_rms_adamw"`` scales its update to AdamW's RMS, so ``train.lr`` means the
+    same for both); embeddings, input / output projections, norms and biases stay on AdamW.
+    """
     m = unwrap(model)
     embeddings = {id(mod.weight) for mod in m.modules() if isinstance(mod, nn.Embedding)}
-    decay, no_decay = [], []
+    matrices, decay, no_decay = [], [], []
     for name, p in m.named_parameters():
         if not p.requires_grad:
+            continue
+        if cfg.optimizer == "muon" and _is_block_matrix(name, p) and id(p) not in embeddings:
+            matrices.append((name, p))
             continue
         use_decay = cfg.decay_norms_and_biases or (p.ndim >= 2 and id(p) not in embeddings)
         (decay if use_decay else no_decay).append((name, p))
     groups = [{"params": [p for _, p in decay], "weight_decay": cfg.weight_decay},
               {"params": [p for _, p in no_decay], "weight_decay": 0.0}]
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    return opt, [n for n, _ in decay] + [n for n, _ in no_decay]
+    names = [n for n, _ in decay] + [n for n, _ in no_decay]
+    if not matrices:
+        return opt, names
+    muon = torch.optim.Muon([p for _, p in matrices], lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
+    return CombinedOptimizer([muon, opt]), [n for n, _ in matrices] + names
 
 
 def _optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, names: list[str],
@@ -435,12 +504,13 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 def _check_resume_config(saved: dict, cfg: ExperimentConfig, where: Path) -> None:
     cur = _flatten({k: v for k, v in to_dict(cfg).items() if k != "out_dir"})
     old = _flatten({k: v for k, v in saved.items() if k != "out_dir"})
+    old.setdefault("train.optimizer", "adamw")  # checkpoints from before the option
     diff = sorted(k for k in set(cur) | set(old) if cur.get(k, "<absent>") != old.get(k, "<absent>"))
-    fatal = [k for k in diff if not k.startswith("train.")]
+    fatal = [k for k in diff if not k.startswith("train.") or k == "train.optimizer"]
     if fatal:
         shown = ", ".join(f"{k}: {old.get(k, '<absent>')!r} -> {cur.get(k, '<absent>')!r}" for k in fatal[:6])
         raise ValueError(f"{where}/config.json: cannot resume with a different task/model/data config "
-                         f"({shown})")
+                         f"or optimizer ({shown})")
     if diff:
         changes = ", ".join(f"{k}: {old.get(k, '<absent>')!r} -> {cur.get(k, '<absent>')!r}" for k in diff)
         dist.print0("resuming with changed train settings: %s", changes, level=logging.WARNING)
@@ -497,6 +567,9 @@ def _run(cfg: ExperimentConfig, task: Task, info: dist.DistInfo, device: torch.d
                          f"{info.world_size} x {tc.grad_accum}")
     micro = tc.batch_size // (info.world_size * tc.grad_accum)
     fsdp = tc.strategy == "fsdp" and info.is_distributed
+    if fsdp and tc.optimizer == "muon":
+        raise ValueError("train.optimizer=muon needs whole weight matrices: use train.strategy=ddp "
+                         "(FSDP shards them)")
     if tc.strategy == "fsdp" and not info.is_distributed:
         dist.print0("train.strategy=fsdp in a single process: training unsharded")
     bf16 = use_bf16(tc.precision, device)

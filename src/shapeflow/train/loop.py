@@ -162,12 +162,14 @@ class CombinedOptimizer:
         for o in self.optimizers:
             mine, groups = groups[:len(o.param_groups)], groups[len(o.param_groups):]
             n = sum(len(g["params"]) for g in o.param_groups)
-            o.load_state_dict({"state": {i - offset: v for i, v in sd["state"].items() if offset <= i < offset + n},
-                               "param_groups": [{**g, "params": [i - offset for i in g["params"]]} for g in mine]})
+            state = {i - offset: v for i, v in sd["state"].items() if offset <= i < offset + n}
+            mine = [{**g, "params": [i - offset for i in g["params"]]} for g in mine]
+            o.load_state_dict({"state": state, "param_groups": mine})
             offset += n
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer | CombinedOptimizer, list[str]]:
+def _optimizer(model: nn.Module,
+               cfg: TrainConfig) -> tuple[torch.optim.Optimizer | CombinedOptimizer, list[str]]:
     """The optimizer and the parameter names in its order.
 
     ``adamw``: AdamW with weight decay on matrices only. ``muon``: additionally, the 2-D weights inside

@@ -71,14 +71,16 @@ def quality(args) -> str:
             gens, t0 = {}, time.perf_counter()
             for i, c in enumerate(classes):
                 cond = torch.full((args.per_class,), i, dtype=torch.long)
-                res = generate(**pair, num=args.per_class, cond=cond, steps=args.steps, cfg_scale=args.cfg,
-                               seed=1000 * (i + 1), resolution=args.resolution)
+                res = generate(**pair, num=args.per_class, cond=cond, steps=args.steps, method=args.method,
+                               shift=args.shift, cfg_scale=args.cfg, seed=args.gen_seed + 1000 * (i + 1),
+                               resolution=args.resolution)
                 gens[c] = res.meshes
             seconds = time.perf_counter() - t0
             table = generation_eval(gens, refs, n_points=2048)
             empty = sum(m is None for v in gens.values() for m in v)
             lines.append(f"### {name} ({pair['dit_kind']} + {pair['vae_kind']}): {args.per_class} per class, "
-                         f"{args.steps} Euler steps, guidance {args.cfg}, decoded at {_res(pair, args.resolution)}; "
+                         f"{args.steps} {args.method} steps (shift {args.shift}), guidance {args.cfg}, "
+                         f"generation seed {args.gen_seed}, decoded at {_res(pair, args.resolution)}; "
                          f"{empty} empty; {seconds:.0f} s\n")
             lines.append("| class | COV | MMD-CD (x1e3) | 1-NNA |")
             lines.append("|---|---|---|---|")
@@ -199,6 +201,9 @@ def main() -> None:
     ap.add_argument("--steps-list", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--cfg", type=float, default=2.0)
+    ap.add_argument("--method", default="euler", choices=["euler", "heun", "midpoint"], help="quality: sampler")
+    ap.add_argument("--shift", type=float, default=1.0, help="quality: time-grid shift")
+    ap.add_argument("--gen-seed", type=int, default=0, help="quality: offset of the generation seeds")
     ap.add_argument("--resolution", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", default=None)

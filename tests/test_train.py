@@ -231,6 +231,38 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
                for i in range(len(in_muon)))
 
 
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_batched_muon_updates_as_torch_muon(nesterov):
+    from shapeflow.train.muon import BatchedMuon
+
+    torch.manual_seed(0)
+    shapes = [(48, 16), (16, 16), (16, 48), (48, 16), (16, 16), (32, 16), (16, 48)]  # tall, square, wide
+    ref = [torch.nn.Parameter(0.1 * torch.randn(s)) for s in shapes]
+    mine = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    kw = dict(lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=nesterov, adjust_lr_fn="match_rms_adamw")
+    o_ref, o_mine = torch.optim.Muon(ref, **kw), BatchedMuon(mine, **kw)
+    start = [p.detach().clone() for p in ref]
+    for step in range(4):
+        for i, (a, b) in enumerate(zip(ref, mine)):
+            g = None if (step == 1 and i == 2) else torch.randn_like(a)  # a parameter without a gradient
+            a.grad, b.grad = g, None if g is None else g.clone()
+        o_ref.step()
+        o_mine.step()
+    # both orthogonalise in bfloat16, where a batched and a single matmul may round an element
+    # differently: allow a few bfloat16 ulps of the update (lr_adjusted = 0.02 * 0.2 * sqrt(48) = 0.028 per step)
+    for a, b, s in zip(ref, mine, start):
+        assert (a - s).abs().max() > 0.02
+        torch.testing.assert_close(b, a, rtol=0, atol=5e-4)
+    sd_ref, sd_mine = o_ref.state_dict(), o_mine.state_dict()
+    assert sd_ref["param_groups"] == sd_mine["param_groups"]
+    for i in sd_ref["state"]:
+        assert torch.equal(sd_mine["state"][i]["momentum_buffer"], sd_ref["state"][i]["momentum_buffer"])
+    # the state moves between the two classes (checkpoints written with torch's Muon resume)
+    twin = BatchedMuon([torch.nn.Parameter(p.detach().clone()) for p in ref], **kw)
+    twin.load_state_dict(sd_ref)
+    assert torch.equal(twin.state_dict()["state"][0]["momentum_buffer"], sd_ref["state"][0]["momentum_buffer"])
+
+
 def test_precision_auto_is_bf16_on_cuda_and_amx_cpus(monkeypatch):
     from shapeflow.train import loop
 

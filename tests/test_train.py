@@ -249,7 +249,8 @@ def test_batched_muon_updates_as_torch_muon(nesterov):
         o_ref.step()
         o_mine.step()
     # both orthogonalise in bfloat16, where a batched and a single matmul may round an element
-    # differently: allow a few bfloat16 ulps of the update (lr_adjusted = 0.02 * 0.2 * sqrt(48) = 0.028 per step)
+    # differently: allow a few bfloat16 ulps of the update (lr_adjusted = 0.02 * 0.2 * sqrt(48) = 0.028
+    # per step)
     for a, b, s in zip(ref, mine, start):
         assert (a - s).abs().max() > 0.02
         torch.testing.assert_close(b, a, rtol=0, atol=5e-4)
@@ -260,7 +261,8 @@ def test_batched_muon_updates_as_torch_muon(nesterov):
     # the state moves between the two classes (checkpoints written with torch's Muon resume)
     twin = BatchedMuon([torch.nn.Parameter(p.detach().clone()) for p in ref], **kw)
     twin.load_state_dict(sd_ref)
-    assert torch.equal(twin.state_dict()["state"][0]["momentum_buffer"], sd_ref["state"][0]["momentum_buffer"])
+    buf = twin.state_dict()["state"][0]["momentum_buffer"]
+    assert torch.equal(buf, sd_ref["state"][0]["momentum_buffer"])
 
 
 def test_precision_auto_is_bf16_on_cuda_and_amx_cpus(monkeypatch):

@@ -2,7 +2,7 @@
 #
 # The CPU torch wheel is pinned by default so a fresh machine does not pull a multi-GB CUDA build.
 # GPU users override it, e.g.:
-#   make demo TORCH="torch==2.5.1" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu124"
+#   make demo TORCH="torch==2.9.1" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128"
 
 PYTHON ?= python3
 VENV ?= .venv

@@ -231,6 +231,18 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
                for i in range(len(in_muon)))
 
 
+def test_muon_on_a_torch_without_it_is_a_clear_error(monkeypatch):
+    from shapeflow.config import TrainConfig
+    from shapeflow.train.loop import _optimizer
+
+    model = ToyMLP(ToyModelConfig())
+    monkeypatch.delattr(torch.optim, "Muon")  # torch < 2.9
+    with pytest.raises(ValueError, match=r"train.optimizer=muon needs torch >= 2.9 .*train.optimizer=adamw"):
+        _optimizer(model, TrainConfig(optimizer="muon"))
+    opt, _ = _optimizer(model, TrainConfig(optimizer="adamw"))  # AdamW training is unaffected
+    assert isinstance(opt, torch.optim.AdamW)
+
+
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_batched_muon_updates_as_torch_muon(nesterov):
     from shapeflow.train.muon import BatchedMuon

@@ -79,7 +79,6 @@ from shapeflow.config import ExperimentConfig, TrainConfig, save_resolved, to_di
 from shapeflow.train import checkpoint as ckpt_lib
 from shapeflow.train import dist
 from shapeflow.train.ema import EMA, DTensor, unwrap
-from shapeflow.train.muon import BatchedMuon
 from shapeflow.train.tasks import TASKS, Task
 
 log = logging.getLogger(__name__)
@@ -175,10 +174,13 @@ def _optimizer(model: nn.Module,
     """The optimizer and the parameter names in its order.
 
     ``adamw``: AdamW with weight decay on matrices only. ``muon``: additionally, the 2-D weights inside
-    attention / MLP blocks go to :class:`torch.optim.Muon` (orthogonalised momentum, Nesterov, momentum
+    attention / MLP blocks go to Muon (:class:`.muon.BatchedMuon`; orthogonalised momentum, Nesterov, momentum
     0.95; ``adjust_lr_fn="match_rms_adamw"`` scales its update to AdamW's RMS, so ``train.lr`` means the
     same for both); embeddings, input / output projections, norms and biases stay on AdamW.
     """
+    if cfg.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        raise ValueError(f"train.optimizer=muon needs torch >= 2.9 (torch.optim.Muon); this is torch "
+                         f"{torch.__version__}: upgrade torch or set train.optimizer=adamw")
     m = unwrap(model)
     embeddings = {id(mod.weight) for mod in m.modules() if isinstance(mod, nn.Embedding)}
     matrices, decay, no_decay = [], [], []
@@ -196,8 +198,10 @@ def _optimizer(model: nn.Module,
     names = [n for n, _ in decay] + [n for n, _ in no_decay]
     if not matrices:
         return opt, names
+    from shapeflow.train.muon import BatchedMuon  # subclasses torch.optim.Muon (torch >= 2.9)
+
     muon = BatchedMuon([p for _, p in matrices], lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
+                       momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
     return CombinedOptimizer([muon, opt]), [n for n, _ in matrices] + names
 
 

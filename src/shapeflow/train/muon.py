@@ -11,15 +11,28 @@ Newton-Schulz product per shape, and ``_foreach`` ops for the element-wise parts
 Everything else is torch's: the constructor, the defaults, ``param_groups`` and the state dict (one
 ``momentum_buffer`` per parameter), so checkpoints move freely between the two classes. The update
 matches torch's to bfloat16 rounding (batched and single matmuls may sum in another order);
-``tests/test_train.py`` compares the two.
+``tests/test_train.py`` compares the two. ``torch.optim.Muon`` exists from torch 2.9 on, so this module
+is imported only when ``train.optimizer=muon`` asks for it.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 
+import math
+
 import torch
-from torch.optim._muon import _adjust_lr
+
+
+def _adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: tuple[int, int]) -> float:
+    """torch's Muon learning-rate adjustment for an (A, B) matrix: ``None`` / ``"original"`` (Keller
+    Jordan) ``lr * sqrt(max(1, A / B))``; ``"match_rms_adamw"`` (Moonshot) ``lr * 0.2 * sqrt(max(A, B))``."""
+    a, b = shape
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1.0, a / b))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(a, b))
+    return lr
 
 
 def _newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int,
@@ -72,6 +85,6 @@ class BatchedMuon(torch.optim.Muon):
                 o = _newton_schulz(g, group["ns_coefficients"], group["ns_steps"], group["eps"])
                 if tall:
                     o = o.mT
-                step = -_adjust_lr(lr, group["adjust_lr_fn"], torch.Size(shape))
+                step = -_adjusted_lr(lr, group["adjust_lr_fn"], shape)
                 torch._foreach_add_([params[i] for i in idx], list(o.unbind(0)), alpha=step)
         return loss

@@ -11,6 +11,10 @@
   preprocessed folder ``--data`` of ``shapeflow synth`` shapes from a third seed) against the fresh
   references: what a generator decoding through this VAE would score if it sampled the latent
   distribution perfectly.
+* ``floor``: the same 1-NNA between independent draws of the synthetic data itself (``--draws`` sets of
+  ``--per-class`` shapes per class, seeds 100, 101, ...), split into disjoint sets of each ``--sizes``
+  per class and compared pairwise: what a *perfect* generator scores at that set size. Mean, spread and
+  the share of set pairs above the 65 % target, per class and (with ``--pooled``) over all classes.
 * ``speed``: one shape sampled with 25 Euler steps and decoded at 128^3 (wall seconds, median of runs).
 
 Example::
@@ -22,6 +26,7 @@ Example::
     shapeflow synth fresh3 --per-class 16 --seed 3 && shapeflow preprocess fresh3 prep3 --resolution 128
     .venv/bin/python benchmarks/bench_generation.py ceiling --gen token=runs/token_dit,runs/vecset_tiny \
         --data prep3 --per-class 16 --resolution 64
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_generation.py floor --per-class 64 --draws 4
 """
 
 from __future__ import annotations
@@ -173,6 +178,65 @@ def ceiling(args) -> str:
     return "\n".join(lines)
 
 
+def floor(args) -> str:
+    from shapeflow.geometry.io import load_mesh
+    from shapeflow.geometry.synth import CATEGORIES, generate_dataset
+    from shapeflow.metrics import one_nna, pairwise_chamfer, sample_surface
+
+    n, draws = args.per_class, args.draws
+    sizes = [k for k in args.sizes if n % k == 0 and k >= 2]
+    if not sizes:
+        raise SystemExit(f"floor: no --sizes divides --per-class {n}")
+    classes = list(CATEGORIES)
+    clouds = {c: [] for c in classes}  # per class: draws * n clouds, draw-major
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for d in range(draws):
+            out = Path(tmp) / f"draw{d}"
+            generate_dataset(out, n, seed=100 + d, classes=classes, progress=False)
+            for c in classes:
+                for k, p in enumerate(sorted((out / c).glob("*.obj"))):
+                    clouds[c].append(sample_surface(*load_mesh(p), 2048, seed=d * n + k)[0])
+    t_data = time.perf_counter() - t0
+
+    def pairs_of(count):
+        return [(a, b) for a in range(count) for b in range(a + 1, count)]
+
+    stats = {k: {} for k in sizes}
+    for c in classes:
+        m = pairwise_chamfer(np.stack(clouds[c]))
+        for k in sizes:
+            sets = [np.arange(i * k, (i + 1) * k) for i in range(draws * n // k)]
+            stats[k][c] = [one_nna(m[np.ix_(sets[a], sets[a])], m[np.ix_(sets[b], sets[b])], m[np.ix_(sets[a], sets[b])])
+                           for a, b in pairs_of(len(sets))]
+    if args.pooled:  # all classes in one pool (as generation_eval's "all" row), at the smallest size only
+        k = args.pooled
+        per_draw = draws * n // k
+        sets_c = [[np.arange(i * k, (i + 1) * k) + j * draws * n for j in range(len(classes))] for i in range(per_draw)]
+        everything = np.concatenate([np.stack(clouds[c]) for c in classes])
+        use = sorted(set(np.concatenate([np.concatenate(s) for s in sets_c[:args.pooled_sets]]).tolist()))
+        pos = {g: i for i, g in enumerate(use)}
+        m = pairwise_chamfer(everything[use])
+        idx = [np.array([pos[g] for g in np.concatenate(s)]) for s in sets_c[:args.pooled_sets]]
+        stats.setdefault(k, {})["all"] = [one_nna(m[np.ix_(idx[a], idx[a])], m[np.ix_(idx[b], idx[b])],
+                                                  m[np.ix_(idx[a], idx[b])]) for a, b in pairs_of(len(idx))]
+    lines = [f"### 1-NNA between independent draws of the synthetic data ({draws} draws x {n} shapes per class, "
+             f"seeds 100-{99 + draws}; Chamfer on 2048 points; data {t_data:.0f} s)\n",
+             "| set size per class | class | set pairs | mean | std | min | max | pairs above 65 % |",
+             "|---|---|---|---|---|---|---|---|"]
+    for k in sorted(stats):
+        for c, v in stats[k].items():
+            v = 100 * np.asarray(v)
+            lines.append(f"| {k} | {c} | {len(v)} | {v.mean():.1f}% | {v.std():.1f} | {v.min():.1f}% | {v.max():.1f}% | "
+                         f"{100 * np.mean(v > 65.0):.0f}% |")
+        per_class = 100 * np.asarray([stats[k][c] for c in classes])  # (classes, pairs)
+        lines.append(f"| {k} | *worst class of a pair* | {per_class.shape[1]} | {per_class.max(axis=0).mean():.1f}% | "
+                     f"{per_class.max(axis=0).std():.1f} | {per_class.max(axis=0).min():.1f}% | "
+                     f"{per_class.max(axis=0).max():.1f}% | {100 * np.mean(per_class.max(axis=0) > 65.0):.0f}% |")
+    lines.append("")
+    return "\n".join(lines)
+
+
 def speed(args) -> str:
     from shapeflow.generate import generate
 
@@ -193,8 +257,8 @@ def speed(args) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("part", choices=["quality", "sampler", "speed", "ceiling"])
-    ap.add_argument("--gen", action="append", required=True, metavar="NAME=DIT,VAE")
+    ap.add_argument("part", choices=["quality", "sampler", "speed", "ceiling", "floor"])
+    ap.add_argument("--gen", action="append", default=[], metavar="NAME=DIT,VAE")
     ap.add_argument("--per-class", type=int, default=16)
     ap.add_argument("--ref-seed", type=int, default=1, help="seed of the fresh reference shapes (training used 0)")
     ap.add_argument("--steps", type=int, default=25)
@@ -208,10 +272,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", default=None)
     ap.add_argument("--data", default=None, help="ceiling: a preprocessed folder of fresh synthetic shapes")
+    ap.add_argument("--draws", type=int, default=4, help="floor: independent draws of --per-class shapes per class")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32, 64], help="floor: set sizes per class")
+    ap.add_argument("--pooled", type=int, default=0, metavar="K",
+                    help="floor: also the all-classes 1-NNA at K per class (cost grows with the square of the pool)")
+    ap.add_argument("--pooled-sets", type=int, default=4, help="floor: disjoint sets used for --pooled")
     args = ap.parse_args()
+    if args.part != "floor" and not args.gen:
+        ap.error(f"{args.part} needs at least one --gen NAME=DIT,VAE")
     torch.set_flush_denormal(True)  # as the `shapeflow` command does (BENCHMARKS.md, VecSet third round)
     t0 = time.perf_counter()
-    print({"quality": quality, "sampler": sampler, "speed": speed, "ceiling": ceiling}[args.part](args))
+    print({"quality": quality, "sampler": sampler, "speed": speed, "ceiling": ceiling, "floor": floor}[args.part](args))
     print(f"\n({time.perf_counter() - t0:.0f} s, torch threads {torch.get_num_threads()})")
 
 

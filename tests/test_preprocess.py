@@ -95,6 +95,43 @@ def test_process_object_outputs(tmp_path):
     assert stats["seconds"] > 0 and stats["peak_rss_mb"] > 0
 
 
+def test_keep_closed_uses_closed_inputs_as_they_are(tmp_path):
+    src = tmp_path / "board.obj"
+    trimesh.creation.box(extents=(1.0, 0.04, 0.6)).export(src)  # closed, thinner than two offsets
+    cfg = pp.PreprocessConfig(**{**dataclass_kwargs(CFG), "keep_closed": True})
+    rec = pp.process_object(src, tmp_path / "out", cfg)
+    assert rec["status"] == "ok" and rec["stats"]["kept_input"]
+    a = fmt.read_sample_file(tmp_path / "out" / rec["id"] / fmt.SAMPLES_FILE)
+    v, f = load_mesh(tmp_path / "out" / rec["id"] / fmt.MESH_FILE)
+    assert len(f) == 12  # the input's triangles, not a remeshed offset surface
+    # The labels are the exact signed distances to the board itself (negative inside), sign included.
+    half = np.abs(v).max(axis=0)
+    q = a["sdf_points"].astype(np.float64)
+    outside = np.maximum(np.abs(q) - half, 0.0)
+    box_sdf = np.linalg.norm(outside, axis=1) + np.minimum((np.abs(q) - half).max(axis=1), 0.0)
+    assert np.abs(box_sdf - a["sdf_values"]).max() < 1e-5
+    assert np.abs(a["tsdf"]).max() > 0 and (a["tsdf"] < 0).any()
+    # Without the option the same input becomes the offset surface (thicker); an open input still does.
+    rec = pp.process_object(src, tmp_path / "out2", CFG)
+    assert not rec["stats"]["kept_input"] and rec["stats"]["volume"] > 1.5 * np.prod(2 * half)
+    open_src = tmp_path / "open.obj"
+    box = trimesh.creation.box()
+    trimesh.Trimesh(box.vertices, box.faces[:-2]).export(open_src)
+    rec = pp.process_object(open_src, tmp_path / "out3", cfg)
+    assert rec["status"] == "ok" and not rec["stats"]["kept_input"]
+
+
+def test_config_keys_added_later_take_their_default_on_resume(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    old = pp._config_dict(CFG)
+    del old["keep_closed"]  # a folder written before the option existed
+    (out / pp.CONFIG_FILE).write_text(json.dumps(old))
+    pp._check_config(out, CFG)  # same config: accepted
+    with pytest.raises(ValueError, match="keep_closed=False"):
+        pp._check_config(out, pp.PreprocessConfig(**{**dataclass_kwargs(CFG), "keep_closed": True}))
+
+
 def test_bad_files_fail_with_one_line_reasons_while_others_finish(tmp_path):
     good = write_good(tmp_path / "in")
     bad = write_bad(tmp_path / "in")

@@ -15,6 +15,7 @@ from shapeflow.geometry import grid
 from shapeflow.geometry.frame import normalize_vertices
 from shapeflow.geometry.io import load_mesh
 from shapeflow.geometry.watertight import (
+    closed_input,
     WatertightError,
     check_closed,
     is_closed,
@@ -196,3 +197,28 @@ def test_shared_meshes_become_watertight():
         v, _ = normalize_vertices(v)
         r = make_watertight(v, f, resolution=48)
         assert_valid(r)
+
+
+def test_closed_input_is_kept_as_is_and_oriented_outward():
+    v, f = canonical(trimesh.creation.box(extents=(1.0, 0.04, 0.6)))  # a thin board: the offset would grow it
+    kept = closed_input(v, f)
+    assert kept is not None and kept.stats["kept_input"] and kept.stats["eps"] == 0.0
+    assert kept.node_inside is None and not kept.sign_hint(v).any()  # no grid: every sign is computed
+    assert np.allclose(np.sort(kept.vertices, axis=0), np.sort(v, axis=0))
+    assert kept.stats["volume"] == pytest.approx(trimesh.Trimesh(v, f).volume, rel=1e-9)
+    offset = make_watertight(v, f, resolution=64)  # what the default path makes of the same board
+    assert offset.stats["volume"] > 1.5 * kept.stats["volume"]
+    # Inward winding is flipped; an unwelded soup of the same box is welded.
+    flipped = closed_input(v, f[:, ::-1])
+    assert flipped is not None and flipped.stats["volume"] > 0
+    soup = closed_input(v[f].reshape(-1, 3), np.arange(3 * len(f)).reshape(-1, 3))
+    assert soup is not None and soup.stats["faces_out"] == len(f)
+
+
+def test_closed_input_refuses_open_or_inconsistent_meshes():
+    v, f = canonical(trimesh.creation.box())
+    assert closed_input(v, f[:-1]) is None  # a hole
+    mixed = f.copy()
+    mixed[0] = mixed[0, ::-1]  # one face wound against its neighbours
+    assert closed_input(v, mixed) is None
+    assert closed_input(v * 2.0, f) is None  # outside the working cube

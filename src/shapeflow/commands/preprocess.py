@@ -39,6 +39,9 @@ def register(subparsers) -> None:
                    help=f"watertight grid cells per axis (default {_DEFAULT.resolution}; 512+ on servers)")
     p.add_argument("--eps-voxels", type=float, default=_DEFAULT.eps_voxels, metavar="E",
                    help=f"watertight offset in voxels (default {_DEFAULT.eps_voxels:g})")
+    p.add_argument("--keep-closed", action="store_true",
+                   help="use inputs that already are closed surfaces as they are (no offset remeshing; "
+                        "clean closed data only, such as `shapeflow synth` output)")
     p.add_argument("--target-faces", type=int, default=None, metavar="F",
                    help="decimate watertight meshes to about F faces (default: keep)")
     p.add_argument("--surface-points", type=int, default=_DEFAULT.surface_points, metavar="N",
@@ -73,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     config = pp.PreprocessConfig(
         resolution=args.resolution,
         eps_voxels=args.eps_voxels,
+        keep_closed=args.keep_closed,
         target_faces=args.target_faces,
         surface_points=args.surface_points,
         sharp_points=args.sharp_points,

@@ -81,6 +81,8 @@ class PreprocessConfig:
 
     resolution: int = DEFAULT_RESOLUTION  # watertight grid cells per axis (512+ on servers)
     eps_voxels: float = DEFAULT_EPS_VOXELS  # watertight offset in voxels (Hunyuan3D / Dora: 1; see watertight)
+    keep_closed: bool = False  # use inputs that already are closed as they are, without the offset remeshing
+    #   (clean closed data only, e.g. `shapeflow synth`'s; see shapeflow.geometry.watertight.closed_input)
     target_faces: int | None = None  # decimate the watertight mesh to ~this many faces (None: keep MC output)
     surface_points: int = 100_000  # uniform area-weighted surface samples
     sharp_points: int = 32_768  # sharp-edge samples (Dora uses 32k-65k)
@@ -273,7 +275,7 @@ def _process(path: Path, out_dir: Path, cfg: PreprocessConfig, oid: str, stats: 
     from shapeflow.geometry import labels, sampling
     from shapeflow.geometry.distance import MeshDistance, voxel_distance_bound
     from shapeflow.geometry.io import load_mesh, save_mesh
-    from shapeflow.geometry.watertight import is_closed, make_watertight
+    from shapeflow.geometry.watertight import closed_input, is_closed, make_watertight
 
     t0 = time.perf_counter()
     c0 = time.process_time()
@@ -295,8 +297,11 @@ def _process(path: Path, out_dir: Path, cfg: PreprocessConfig, oid: str, stats: 
     lap("t_load")
     rng = object_rng(cfg, oid)
 
-    wt = make_watertight(v, f, resolution=cfg.resolution, eps_voxels=cfg.eps_voxels,
-                         target_faces=cfg.target_faces)
+    wt = closed_input(v, f) if cfg.keep_closed and stats["watertight_in"] else None
+    stats["kept_input"] = wt is not None
+    if wt is None:
+        wt = make_watertight(v, f, resolution=cfg.resolution, eps_voxels=cfg.eps_voxels,
+                             target_faces=cfg.target_faces)
     # watertight.ply stores float32 positions: sample and label exactly that mesh.
     wt.vertices = wt.vertices.astype(np.float32).astype(np.float64)
     ws = wt.stats
@@ -562,6 +567,8 @@ def _check_config(out: Path, cfg: PreprocessConfig) -> None:
     new = _config_dict(cfg)
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
+        default = _config_dict(PreprocessConfig())  # a key added after `old` was written has its default
+        old = {**{k: v for k, v in default.items() if k not in old}, **old}
         diff = [f"{k}={old.get(k)!r} (now {new.get(k)!r})" for k in sorted(set(old) | set(new))
                 if old.get(k) != new.get(k)]
         if diff:

@@ -304,6 +304,48 @@ def make_watertight(
     return WatertightResult(vertices=out_v, faces=out_f, stats=stats, node_inside=node_inside)
 
 
+def closed_input(vertices: np.ndarray, faces: np.ndarray, bound: float = BOUND) -> WatertightResult | None:
+    """The input itself as the surface, if it already is a closed, consistently wound one; else None.
+
+    For clean closed inputs (marching-cubes output such as ``shapeflow synth``'s) the offset of
+    :func:`make_watertight` only changes the shape: every wall grows by ``eps`` per side, which doubles
+    a thin board or wing at 128^3 and is what a Chamfer-based metric then sees (BENCHMARKS.md, issue 5
+    section 8). Vertices are welded (``merge_vertices``) and zero-area faces dropped; the result must
+    pass :func:`check_closed` with every face flipped if the volume is negative. Not detected, so not
+    for arbitrary data: self-intersecting or overlapping closed parts (the signed distance's
+    pseudonormal sign is wrong inside an overlap); such data needs :func:`make_watertight`.
+
+    Returns
+    -------
+    WatertightResult or None
+      With ``eps = 0``, ``kept_input = True`` and no ``node_inside`` (later labels use the exact
+      pseudonormal sign and a ray-parity test instead of the grid's flags).
+    """
+    t0 = time.perf_counter()
+    v = np.asarray(vertices, dtype=np.float64)
+    f = np.asarray(faces, dtype=np.int64)
+    if len(f) == 0 or not np.isfinite(v).all() or np.abs(v[np.unique(f)]).max() > bound:
+        return None
+    v, f = merge_vertices(v, f)
+    f = _drop_degenerate_faces(v, f)
+    used = np.unique(f)
+    remap = np.full(len(v), -1, dtype=np.int64)
+    remap[used] = np.arange(len(used))
+    v, f = v[used], remap[f]
+    ok, info = check_closed(v, f)
+    if not ok and info["winding_consistent"] and info["volume"] < 0:
+        f = f[:, ::-1].copy()
+        ok, info = check_closed(v, f)
+    if not ok:
+        return None
+    stats = {"faces_in": int(len(faces)), "faces_used": int(len(f)), "resolution": 0, "eps": 0.0,
+             "band_nodes": 0, "band_hits": 0, "t_band": 0.0, "t_udf": 0.0, "t_flood": 0.0, "t_mc": 0.0,
+             "t_decimate": 0.0, "decimated": False, **info, "faces_out": int(len(f)),
+             "vertices_out": int(len(v)), "kept_input": True}
+    stats["t_check"] = stats["seconds"] = time.perf_counter() - t0
+    return WatertightResult(vertices=v, faces=f, stats=stats, node_inside=None)
+
+
 def make_watertight_dense(
     vertices: np.ndarray,
     faces: np.ndarray,

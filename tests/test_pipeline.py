@@ -726,7 +726,7 @@ def test_generate_with_a_vae_as_dit_is_an_error(root, vecset_run, token_dit_run,
 
 @pytest.mark.slow
 def test_demo_quick_end_to_end_and_resume(tmp_path, capsys):
-    from shapeflow.demo import QUICK
+    from shapeflow.demo import NNA_DATA_STD, QUICK
 
     real = None
     if MESHES.is_dir():
@@ -765,6 +765,7 @@ def test_demo_quick_end_to_end_and_resume(tmp_path, capsys):
         assert f"| {s} |" in md
     for c in classes + ["all"]:
         assert f"| {c} |" in md
+    assert f"about {NNA_DATA_STD[8]} points at 8 shapes per class" in md  # QUICK makes 2 per class: nearest size
     # resume: training and encoding are skipped, checkpoints untouched
     ckpts = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (out / "runs").rglob("*.safetensors")}
     assert len(ckpts) >= 4

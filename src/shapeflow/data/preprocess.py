@@ -1,8 +1,9 @@
 """Raw meshes -> watertight surfaces + training samples, for one object and for a whole dataset.
 
-Per object (:func:`process_object`): load -> canonical frame -> watertight surface -> uniform and
-sharp surface points -> SDF query points and exact signed distances -> 64^3 shell occupancy
-(-> optional dense TSDF) -> files. The file layout is :mod:`shapeflow.data.format`.
+Per object (:func:`process_object`): load -> canonical frame -> watertight surface (with ``keep_closed``
+an input that already is closed is used as it is) -> uniform and sharp surface points -> SDF query
+points and exact signed distances -> 64^3 shell occupancy (-> optional dense TSDF) -> files. The file
+layout is :mod:`shapeflow.data.format`.
 
 Dataset driver (:func:`preprocess_dataset`, CLI ``shapeflow preprocess``)
 -----------------------------------------------------------------------

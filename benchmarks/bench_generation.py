@@ -209,7 +209,7 @@ def floor(args) -> str:
             sets = [np.arange(i * k, (i + 1) * k) for i in range(draws * n // k)]
             stats[k][c] = [one_nna(m[np.ix_(sets[a], sets[a])], m[np.ix_(sets[b], sets[b])], m[np.ix_(sets[a], sets[b])])
                            for a, b in pairs_of(len(sets))]
-    if args.pooled:  # all classes in one pool (as generation_eval's "all" row), at the smallest size only
+    if args.pooled:  # all classes in one pool (as generation_eval's "all" row), at K per class only
         k = args.pooled
         per_draw = draws * n // k
         sets_c = [[np.arange(i * k, (i + 1) * k) + j * draws * n for j in range(len(classes))] for i in range(per_draw)]
@@ -229,6 +229,8 @@ def floor(args) -> str:
             v = 100 * np.asarray(v)
             lines.append(f"| {k} | {c} | {len(v)} | {v.mean():.1f}% | {v.std():.1f} | {v.min():.1f}% | {v.max():.1f}% | "
                          f"{100 * np.mean(v > 65.0):.0f}% |")
+        if not all(c in stats[k] for c in classes):  # a --pooled size without per-class rows
+            continue
         per_class = 100 * np.asarray([stats[k][c] for c in classes])  # (classes, pairs)
         lines.append(f"| {k} | *worst class of a pair* | {per_class.shape[1]} | {per_class.max(axis=0).mean():.1f}% | "
                      f"{per_class.max(axis=0).std():.1f} | {per_class.max(axis=0).min():.1f}% | "

@@ -15,9 +15,9 @@ from shapeflow.geometry import grid
 from shapeflow.geometry.frame import normalize_vertices
 from shapeflow.geometry.io import load_mesh
 from shapeflow.geometry.watertight import (
-    closed_input,
     WatertightError,
     check_closed,
+    closed_input,
     is_closed,
     make_watertight,
     make_watertight_dense,

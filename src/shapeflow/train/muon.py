@@ -17,9 +17,8 @@ is imported only when ``train.optimizer=muon`` asks for it.
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import math
+from collections import defaultdict
 
 import torch
 

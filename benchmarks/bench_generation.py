@@ -1,7 +1,8 @@
 """Generation quality and speed of trained generators (issue 5 sections 5 and 8).
 
 * ``quality``: for a class-conditional DiT + its VAE, ``--per-class`` shapes per class against the same
-  number of **fresh** synthetic shapes per class (``shapeflow synth`` with a seed never trained on):
+  number of **fresh** synthetic shapes per class (``shapeflow synth`` with a seed never trained on, put in
+  the canonical frame like every training shape: :func:`shapeflow.evaluate.reference_shapes`):
   COV, MMD and 1-NNA over Chamfer distances of 2048-point clouds (PointFlow protocol; 1-NNA ideal 50%),
   per class and overall. Several generators (token path, grid path) can be given side by side.
 * ``sampler``: quality against the number of model evaluations: Euler / Heun / midpoint at several step
@@ -61,18 +62,14 @@ def _res(pair: dict, resolution: int) -> str:
 
 
 def quality(args) -> str:
-    from shapeflow.evaluate import generation_eval
+    from shapeflow.evaluate import generation_eval, reference_shapes
     from shapeflow.generate import generate
-    from shapeflow.geometry.io import load_mesh
-    from shapeflow.geometry.synth import generate_dataset
 
     lines = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.gen:
             name, pair, classes = _load(spec)
-            ref_dir = Path(tmp) / "ref"
-            generate_dataset(ref_dir, args.per_class, seed=args.ref_seed, classes=classes, progress=False)
-            refs = {c: [load_mesh(p) for p in sorted((ref_dir / c).glob("*.obj"))] for c in classes}
+            refs = reference_shapes(Path(tmp) / "ref", classes, args.per_class, args.ref_seed)
             gens, t0 = {}, time.perf_counter()
             for i, c in enumerate(classes):
                 cond = torch.full((args.per_class,), i, dtype=torch.long)
@@ -140,9 +137,8 @@ def sampler(args) -> str:
 
 
 def ceiling(args) -> str:
-    from shapeflow.evaluate import generation_eval, reconstruct_object
-    from shapeflow.geometry.io import load_mesh
-    from shapeflow.geometry.synth import generate_dataset
+    from shapeflow.data.latents import _vae_data_defaults
+    from shapeflow.evaluate import generation_eval, reconstruct_object, reference_shapes
 
     if not args.data:
         raise SystemExit("ceiling needs --data (a preprocessed folder of fresh synthetic shapes)")
@@ -151,24 +147,25 @@ def ceiling(args) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.gen:
             name, pair, classes = _load(spec)
-            ref_dir = Path(tmp) / "ref"
-            if not ref_dir.is_dir():
-                generate_dataset(ref_dir, args.per_class, seed=args.ref_seed, classes=classes, progress=False)
-            refs = {c: [load_mesh(p) for p in sorted((ref_dir / c).glob("*.obj"))] for c in classes}
+            refs = reference_shapes(Path(tmp) / "ref", classes, args.per_class, args.ref_seed)
+            # the encoder input the VAE was trained with (and `encode-latents` uses), not reconstruct_object's default
+            trained = _vae_data_defaults(Path(spec.partition("=")[2].split(",")[1]))
+            counts = dict(n_surface=int(trained.get("n_surface", 4096)), n_sharp=int(trained.get("n_sharp", 1024)))
             recs, t0 = {c: [] for c in classes}, time.perf_counter()
             for d in objs:
                 source = json.loads((d / "meta.json").read_text())["source"]
                 c = Path(source).parent.name  # `shapeflow synth` writes <class>/<class>_<k>.obj
                 if c in recs and len(recs[c]) < args.per_class:
                     r = reconstruct_object(pair["vae"], pair["vae_kind"], d, resolution=args.resolution,
-                                           with_metrics=False)
+                                           with_metrics=False, **counts)
                     recs[c].append(r["mesh"])
             short = {c: len(v) for c, v in recs.items() if len(v) < args.per_class}
             if short:
                 raise SystemExit(f"{args.data}: fewer than {args.per_class} objects for {short}")
             table = generation_eval(recs, refs, n_points=2048)
             lines.append(f"### {name}: reconstructions by {pair['vae_kind']} of {args.per_class} fresh shapes per class "
-                         f"({args.data}), decoded at {_res(pair, args.resolution)}, against {args.per_class} fresh "
+                         f"({args.data}; encoder input {counts['n_surface']} + {counts['n_sharp']} points), decoded "
+                         f"at {_res(pair, args.resolution)}, against {args.per_class} fresh "
                          f"references per class (seed {args.ref_seed}); {time.perf_counter() - t0:.0f} s\n")
             lines.append("| class | COV | MMD-CD (x1e3) | 1-NNA |")
             lines.append("|---|---|---|---|")
@@ -179,8 +176,8 @@ def ceiling(args) -> str:
 
 
 def floor(args) -> str:
-    from shapeflow.geometry.io import load_mesh
-    from shapeflow.geometry.synth import CATEGORIES, generate_dataset
+    from shapeflow.evaluate import reference_shapes
+    from shapeflow.geometry.synth import CATEGORIES
     from shapeflow.metrics import one_nna, pairwise_chamfer, sample_surface
 
     n, draws = args.per_class, args.draws
@@ -192,11 +189,10 @@ def floor(args) -> str:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for d in range(draws):
-            out = Path(tmp) / f"draw{d}"
-            generate_dataset(out, n, seed=100 + d, classes=classes, progress=False)
+            shapes = reference_shapes(Path(tmp) / f"draw{d}", classes, n, 100 + d)  # canonical frame, as quality
             for c in classes:
-                for k, p in enumerate(sorted((out / c).glob("*.obj"))):
-                    clouds[c].append(sample_surface(*load_mesh(p), 2048, seed=d * n + k)[0])
+                for k, mesh in enumerate(shapes[c]):
+                    clouds[c].append(sample_surface(*mesh, 2048, seed=d * n + k)[0])
     t_data = time.perf_counter() - t0
 
     def pairs_of(count):

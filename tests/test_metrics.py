@@ -276,3 +276,33 @@ def test_one_nna_separated_and_same_distribution(rng):
 def test_one_nna_needs_equal_sizes():
     with pytest.raises(ValueError, match="equally many"):
         metrics.one_nna(D_SS[:2, :2], D_RR, D_SR[:2])
+
+
+def test_reference_shapes_are_put_in_the_canonical_frame(tmp_path, monkeypatch):
+    """Generation references are scored in the frame the training shapes are in (bbox centred, longest side
+    2 * EXTENT), whatever the frame of the synthetic meshes written to disk."""
+    from shapeflow.evaluate import reference_shapes
+    from shapeflow.geometry import synth
+    from shapeflow.geometry.frame import EXTENT
+    from shapeflow.geometry.io import save_mesh
+
+    box = trimesh.creation.box(extents=(0.4, 0.8, 1.2))
+    calls = []
+
+    def fake_generate_dataset(out_dir, per_class, seed=0, *, classes, **kw):  # an off-centre, undersized "lamp"
+        calls.append((per_class, seed, list(classes)))
+        for c in classes:
+            for k in range(per_class):
+                save_mesh(tmp_path / "ref" / c / f"{c}_{k:04d}.obj", box.vertices * (1 + k) + (0.1, -0.2, 0.05),
+                          box.faces)
+
+    monkeypatch.setattr(synth, "generate_dataset", fake_generate_dataset)
+    refs = reference_shapes(tmp_path / "ref", ["lamp"], 2, 5)
+    assert calls == [(2, 5, ["lamp"])]
+    assert len(refs["lamp"]) == 2
+    for v, f in refs["lamp"]:
+        lo, hi = v.min(axis=0), v.max(axis=0)
+        np.testing.assert_allclose((lo + hi) / 2, 0.0, atol=1e-9)
+        assert (hi - lo).max() == pytest.approx(2 * EXTENT)
+        np.testing.assert_allclose(hi - lo, np.array([0.4, 0.8, 1.2]) * 2 * EXTENT / 1.2)
+        assert np.array_equal(f, box.faces)

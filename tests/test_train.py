@@ -277,13 +277,14 @@ def test_batched_muon_updates_as_torch_muon(nesterov):
     assert torch.equal(buf, sd_ref["state"][0]["momentum_buffer"])
 
 
-def test_precision_auto_is_bf16_on_cuda_and_amx_cpus(monkeypatch):
+def test_precision_auto_is_bf16_on_cuda_and_native_bf16_cpus(monkeypatch):
     from shapeflow.train import loop
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    for amx in (True, False):
-        monkeypatch.setattr(loop, "cpu_has_amx", lambda amx=amx: amx)
-        assert loop.use_bf16("auto", cpu) is amx
+    for amx, avx512_bf16 in ((True, False), (False, True), (False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda b=avx512_bf16: b, raising=False)
+        assert loop.use_bf16("auto", cpu) is (amx or avx512_bf16)
         assert loop.use_bf16("auto", cuda) is True
         assert loop.use_bf16("bf16", cpu) is True and loop.use_bf16("fp32", cpu) is False
         assert loop.use_bf16("fp32", cuda) is False

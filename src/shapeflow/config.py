@@ -94,7 +94,7 @@ class TrainConfig:
     ema_decay: float = 0.999  # 0.999 for short runs, 0.9999 for long ones
     ema_start: int = 0  # EMA copies the weights until this step, then averages
     ema_warmup: bool = True  # decay = min(ema_decay, (1 + n) / (10 + n)), n = steps since ema_start
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA and AMX CPUs, else fp32
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA and native-bf16 CPUs (AMX, AVX512-BF16)
     grad_checkpointing: bool = False  # trade compute for memory (model must support it)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda:LOCAL_RANK when available
     strategy: Literal["ddp", "fsdp"] = "ddp"  # multi-process wrapper; fsdp = FSDP2 fully_shard

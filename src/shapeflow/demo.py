@@ -261,15 +261,12 @@ def _eval_vae(out: Path, vae_dir: Path, cfg: DemoConfig, progress: bool) -> dict
 
 
 def _eval_generation(out: Path, classes: list[str], cfg: DemoConfig, progress: bool) -> dict:
-    """COV / MMD / 1-NNA (Chamfer) per class: generated meshes vs fresh synthetic shapes (seed 1)."""
-    from shapeflow.evaluate import generation_eval
+    """COV / MMD / 1-NNA (Chamfer) per class: generated meshes vs fresh synthetic shapes (seed 1, canonical frame)."""
+    from shapeflow.evaluate import generation_eval, reference_shapes
     from shapeflow.geometry.io import load_mesh
-    from shapeflow.geometry.synth import generate_dataset
 
-    ref_dir = out / "reference"
-    generate_dataset(ref_dir, cfg.gen_per_class, seed=cfg.seed + 1, resolution=cfg.synth_resolution,
-                     classes=classes, workers=cfg.workers, progress=progress)
-    refs = {c: [load_mesh(p) for p in sorted((ref_dir / c).glob("*.obj"))] for c in classes}
+    refs = reference_shapes(out / "reference", classes, cfg.gen_per_class, cfg.seed + 1,
+                            resolution=cfg.synth_resolution, workers=cfg.workers, progress=progress)
     gens = {}
     for c in classes:
         paths = [out / "generated" / f"{c}_{k:02d}.glb" for k in range(cfg.gen_per_class)]

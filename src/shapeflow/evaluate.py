@@ -207,6 +207,31 @@ def eval_vae(vae_path: str | Path, data_dir: str | Path, *, split: str = "val", 
     return rows, summarize(rows)
 
 
+def reference_shapes(folder: str | Path, classes, per_class: int, seed: int, *, resolution: int | None = None,
+                     workers: int = 1, progress: bool = False) -> dict:
+    """Fresh synthetic reference shapes for the generation metrics, **in the canonical frame**.
+
+    ``shapeflow synth`` meshes (written to ``folder``, reused when present) are put in the frame every
+    preprocessed training shape is in (:func:`shapeflow.geometry.frame.normalize_vertices`: bounding-box
+    centre at the origin, longest side ``2 * EXTENT``). ``synth`` places shapes by their primitives'
+    conservative bounds, so some (lamps, airplanes) are off-centre or up to 10 % smaller than the frame;
+    a generator learns the normalized shapes and would otherwise be scored against a shifted target.
+    Returns ``{class: [(vertices, faces), ...]}``.
+    """
+    from shapeflow.geometry.frame import normalize_vertices
+    from shapeflow.geometry.io import load_mesh
+    from shapeflow.geometry.synth import DEFAULT_RESOLUTION, generate_dataset
+
+    folder = Path(folder)
+    generate_dataset(folder, per_class, seed=seed, resolution=resolution or DEFAULT_RESOLUTION, classes=list(classes),
+                     workers=workers, progress=progress)
+    out = {}
+    for c in classes:
+        meshes = [load_mesh(p) for p in sorted((folder / c).glob("*.obj"))[:per_class]]
+        out[c] = [(normalize_vertices(v)[0], f) for v, f in meshes]
+    return out
+
+
 def generation_eval(generated: dict, references: dict, *, n_points: int = 2048, seed: int = 0) -> dict:
     """COV / MMD / 1-NNA (Chamfer) per class and over all classes (:func:`shapeflow.metrics.generation_metrics`).
 

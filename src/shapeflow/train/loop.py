@@ -37,9 +37,10 @@ Design choices:
   ``train.lr`` keeps its meaning) and the rest (embeddings, input / output projections, norms, biases) to
   AdamW; on the tiny VecSet VAE it reaches in 1000 steps what AdamW reaches in 4000 (BENCHMARKS.md).
   DDP only (FSDP shards the matrices Muon orthogonalises).
-* Precision: fp32 master weights; ``precision: auto`` is bf16 autocast on CUDA and on CPUs with AMX
-  tile units (Intel Sapphire Rapids and later: bf16 matmuls there run ~5x faster than float32, a tiny
-  VecSet step 1.5x, BENCHMARKS.md), fp32 on other CPUs (where bf16 is slower than float32); no grad
+* Precision: fp32 master weights; ``precision: auto`` is bf16 autocast on CUDA and on CPUs with native
+  bf16 matmuls: AMX tile units (Intel Sapphire Rapids and later: a tiny VecSet step 1.5x faster than in
+  float32) or AVX512-BF16 (AMD Zen 5: the demo's VecSet and DiT steps 1.6-1.7x faster; BENCHMARKS.md);
+  fp32 on other CPUs (where bf16 is emulated and slower than float32); no grad
   scaler (bf16 has fp32's range). Attention runs in float32 on the CPU (:func:`shapeflow.nn.attention.sdpa`).
 * NaN/inf: the loss terms (averaged over ranks) and the gradient norm are checked every step before the
   update; on a non-finite value every rank raises :class:`NonFiniteLossError` naming the step and the
@@ -103,18 +104,22 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tile units (where bf16 matmuls beat float32 several times)."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported())
-    except (AttributeError, RuntimeError):  # a private torch API: its absence means "don't know" -> no
-        return False
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively: AMX tiles (Intel Sapphire Rapids and later) or AVX512-BF16
+    dot products (AMD Zen 4 / Zen 5, Intel Cooper Lake). Elsewhere bf16 is emulated and slower than float32."""
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        try:
+            if getattr(torch.cpu, probe)():
+                return True
+        except (AttributeError, RuntimeError):  # private torch APIs: absence means "don't know" -> no
+            continue
+    return False
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """bf16 autocast? ``"bf16"``: yes; ``"fp32"``: no; ``"auto"``: on CUDA and on CPUs with AMX."""
+    """bf16 autocast? ``"bf16"``: yes; ``"fp32"``: no; ``"auto"``: on CUDA and on CPUs with native bf16."""
     if precision == "auto":
-        return device.type == "cuda" or (device.type == "cpu" and cpu_has_amx())
+        return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
     return precision == "bf16"
 
 

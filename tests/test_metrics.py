@@ -306,3 +306,20 @@ def test_reference_shapes_are_put_in_the_canonical_frame(tmp_path, monkeypatch):
         assert (hi - lo).max() == pytest.approx(2 * EXTENT)
         np.testing.assert_allclose(hi - lo, np.array([0.4, 0.8, 1.2]) * 2 * EXTENT / 1.2)
         assert np.array_equal(f, box.faces)
+
+
+def test_generation_eval_pooled_row_and_workers():
+    """``pooled=False`` drops only the all-class row; the KD-tree thread count changes no number."""
+    from shapeflow.evaluate import generation_eval
+
+    def boxes(scales):
+        return [(b.vertices, b.faces) for b in (trimesh.creation.box(extents=(s, 1.0, 0.5)) for s in scales)]
+
+    gen = {"a": boxes([0.5, 0.6, 0.7]), "b": boxes([1.5, 1.6, 1.7])}
+    ref = {"a": boxes([0.55, 0.65, 0.9]), "b": boxes([1.4, 1.65, 1.8])}
+    full = generation_eval(gen, ref, n_points=256)
+    per_class = generation_eval(gen, ref, n_points=256, pooled=False, workers=1)
+    assert set(full) == {"a", "b", "all"} and set(per_class) == {"a", "b"}
+    for c in ("a", "b"):
+        assert per_class[c] == full[c]
+    assert full["all"]["n_samples"] == 6

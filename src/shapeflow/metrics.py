@@ -279,7 +279,7 @@ def _cloud_set(x, name: str) -> np.ndarray:
     return a
 
 
-def pairwise_chamfer(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+def pairwise_chamfer(a: np.ndarray, b: np.ndarray | None = None, *, workers: int = -1) -> np.ndarray:
     """Chamfer distance matrix between two sets of point clouds (PointFlow definition).
 
     ``M[i, j] = mean_{x in a_i} min_{y in b_j} |x - y|^2 + mean_{y in b_j} min_{x in a_i} |x - y|^2``
@@ -293,6 +293,8 @@ def pairwise_chamfer(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
     ----------
     a : (n_a, p, 3) float
     b : (n_b, q, 3) float, optional
+    workers : threads of the KD-tree queries (scipy's ``workers``; -1: every core, whatever
+      ``OMP_NUM_THREADS`` says, so cap it when the machine is shared with a training run).
 
     Returns
     -------
@@ -301,12 +303,12 @@ def pairwise_chamfer(a: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
     a = _cloud_set(a, "a")
     same = b is None
     b = a if same else _cloud_set(b, "b")
-    d_ab = _directed_mean_sq(a, b)  # (n_a, n_b): a_i -> b_j
-    d_ba = d_ab.T if same else _directed_mean_sq(b, a).T  # (n_a, n_b): b_j -> a_i
+    d_ab = _directed_mean_sq(a, b, workers)  # (n_a, n_b): a_i -> b_j
+    d_ba = d_ab.T if same else _directed_mean_sq(b, a, workers).T  # (n_a, n_b): b_j -> a_i
     return d_ab + d_ba
 
 
-def _directed_mean_sq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _directed_mean_sq(a: np.ndarray, b: np.ndarray, workers: int = -1) -> np.ndarray:
     """``D[i, j] = mean_{x in a_i} min_{y in b_j} |x - y|^2`` for all pairs, one KD-tree per ``b_j``."""
     na, p, _ = a.shape
     flat = a.reshape(-1, 3)  # (na * p, 3)
@@ -318,7 +320,7 @@ def _directed_mean_sq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     queries = flat[order]
     out = np.empty((na, len(b)))
     for j in range(len(b)):
-        d, _ = cKDTree(b[j]).query(queries, k=1, workers=-1)
+        d, _ = cKDTree(b[j]).query(queries, k=1, workers=workers)
         out[:, j] = np.bincount(owner, weights=d * d, minlength=na) / p
     return out
 
@@ -368,7 +370,7 @@ def one_nna(dist_ss: np.ndarray, dist_rr: np.ndarray, dist_sr: np.ndarray) -> fl
     return float(np.mean(pred == label))
 
 
-def generation_metrics(samples: np.ndarray, references: np.ndarray) -> dict:
+def generation_metrics(samples: np.ndarray, references: np.ndarray, *, workers: int = -1) -> dict:
     """MMD, COV and 1-NNA with the Chamfer distance of :func:`pairwise_chamfer` (PointFlow protocol).
 
     Parameters
@@ -377,6 +379,7 @@ def generation_metrics(samples: np.ndarray, references: np.ndarray) -> dict:
       Generated point clouds (PointFlow: p = 2048 surface points per shape).
     references : (n, p, 3) float
       Reference (held-out) clouds, same count and normalisation as ``samples``.
+    workers : KD-tree query threads (:func:`pairwise_chamfer`).
 
     Returns
     -------
@@ -388,11 +391,12 @@ def generation_metrics(samples: np.ndarray, references: np.ndarray) -> dict:
     r = _cloud_set(references, "references")
     both = np.concatenate([s, r]) if s.shape[1] == r.shape[1] else None
     if both is not None:
-        m = pairwise_chamfer(both)  # one tree per cloud for all three blocks
+        m = pairwise_chamfer(both, workers=workers)  # one tree per cloud for all three blocks
         ns = len(s)
         m_ss, m_sr, m_rr = m[:ns, :ns], m[:ns, ns:], m[ns:, ns:]
     else:
-        m_ss, m_sr, m_rr = pairwise_chamfer(s), pairwise_chamfer(s, r), pairwise_chamfer(r)
+        m_ss, m_sr, m_rr = (pairwise_chamfer(s, workers=workers), pairwise_chamfer(s, r, workers=workers),
+                            pairwise_chamfer(r, workers=workers))
     return {
         "MMD-CD": minimum_matching_distance(m_sr),
         "COV-CD": coverage(m_sr),

@@ -269,7 +269,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--steps-list", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     ap.add_argument("--samples", type=int, default=16)
-    ap.add_argument("--cfg", type=float, default=2.0)
+    ap.add_argument("--cfg", type=float, default=1.0,
+                    help="guidance scale (1: none, the default of the demo and of `shapeflow generate`)")
     ap.add_argument("--method", default="euler", choices=["euler", "heun", "midpoint"], help="quality: sampler")
     ap.add_argument("--shift", type=float, default=1.0, help="quality: time-grid shift")
     ap.add_argument("--gen-seed", type=int, default=0, help="quality: offset of the generation seeds")

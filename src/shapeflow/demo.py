@@ -36,7 +36,7 @@ CONFIGS = Path(__file__).resolve().parent / "assets" / "configs"
 class DemoConfig:
     """Sizes of the demo; ``QUICK`` is the reduced run the tests use."""
 
-    per_class: int = 24  # synthetic training shapes per category
+    per_class: int = 64  # synthetic training shapes per category (1-NNA at 64 per class: 71.8 vs 76.3 % with 24)
     classes: tuple[str, ...] = ()  # categories (() = all)
     synth_resolution: int = 64  # marching-cubes grid of the synthetic meshes
     prep_resolution: int = 128  # watertight grid of preprocessing

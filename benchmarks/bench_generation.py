@@ -90,14 +90,15 @@ def quality(args) -> str:
                 cond = torch.full((args.per_class,), i, dtype=torch.long)
                 res = generate(**pair, num=args.per_class, cond=cond, steps=args.steps, method=args.method,
                                shift=args.shift, cfg_scale=args.cfg, seed=args.gen_seed + 1000 * (i + 1),
-                               resolution=args.resolution)
+                               resolution=args.resolution, smooth=args.smooth)
                 gens[c] = res.meshes
             seconds = time.perf_counter() - t0
             table = generation_eval(gens, refs, n_points=2048, pooled=not args.no_pooled, workers=args.workers)
             empty = sum(m is None for v in gens.values() for m in v)
             lines.append(f"### {name} ({pair['dit_kind']} + {pair['vae_kind']}): {args.per_class} per class, "
                          f"{args.steps} {args.method} steps (shift {args.shift}), guidance {args.cfg}, "
-                         f"generation seed {args.gen_seed}, decoded at {_res(pair, args.resolution)}; "
+                         f"generation seed {args.gen_seed}, decoded at {_res(pair, args.resolution)}, "
+                         f"smooth {args.smooth}; "
                          f"{empty} empty; {seconds:.0f} s\n")
             lines += _table(table)
             if args.json:
@@ -123,7 +124,8 @@ def sampler(args) -> str:
 
         def run(method, steps):
             x = sample(dit, noise, steps=steps, method=method, cond=cond)
-            return decode_latents(vae, pair["vae_kind"], dit.denormalize_latents(x), resolution=args.resolution)
+            return decode_latents(vae, pair["vae_kind"], dit.denormalize_latents(x), resolution=args.resolution,
+                                  smooth=args.smooth)
 
         ref = run("midpoint", 100)
         lines.append(f"### {name}: {n} samples, reference = midpoint with 100 steps (200 evaluations)\n")
@@ -161,22 +163,24 @@ def ceiling(args) -> str:
             refs = reference_shapes(Path(tmp) / "ref", classes, args.per_class, args.ref_seed)
             # the encoder input the VAE was trained with (and `encode-latents` uses), not reconstruct_object's default
             trained = _vae_data_defaults(Path(spec.partition("=")[2].split(",")[1]))
-            counts = dict(n_surface=int(trained.get("n_surface", 4096)), n_sharp=int(trained.get("n_sharp", 1024)))
+            counts = dict(n_surface=int(trained.get("n_surface", 4096)), n_sharp=int(trained.get("n_sharp", 1024)),
+                          num_latents=getattr(pair["dit"].config, "num_tokens", 0) or None)  # what the DiT samples
             recs, t0 = {c: [] for c in classes}, time.perf_counter()
             for d in objs:
                 source = json.loads((d / "meta.json").read_text())["source"]
                 c = Path(source).parent.name  # `shapeflow synth` writes <class>/<class>_<k>.obj
                 if c in recs and len(recs[c]) < args.per_class:
                     r = reconstruct_object(pair["vae"], pair["vae_kind"], d, resolution=args.resolution,
-                                           with_metrics=False, **counts)
+                                           with_metrics=False, smooth=args.smooth, **counts)
                     recs[c].append(r["mesh"])
             short = {c: len(v) for c, v in recs.items() if len(v) < args.per_class}
             if short:
                 raise SystemExit(f"{args.data}: fewer than {args.per_class} objects for {short}")
             table = generation_eval(recs, refs, n_points=2048, pooled=not args.no_pooled, workers=args.workers)
             lines.append(f"### {name}: reconstructions by {pair['vae_kind']} of {args.per_class} fresh shapes per class "
-                         f"({args.data}; encoder input {counts['n_surface']} + {counts['n_sharp']} points), decoded "
-                         f"at {_res(pair, args.resolution)}, against {args.per_class} fresh "
+                         f"({args.data}; encoder input {counts['n_surface']} + {counts['n_sharp']} points, "
+                         f"{counts['num_latents'] or pair['vae'].cfg.num_latents} tokens), decoded "
+                         f"at {_res(pair, args.resolution)} (smooth {args.smooth}), against {args.per_class} fresh "
                          f"references per class (seed {args.ref_seed}); {time.perf_counter() - t0:.0f} s\n")
             lines += _table(table)
     return "\n".join(lines)
@@ -275,6 +279,8 @@ def main() -> None:
     ap.add_argument("--shift", type=float, default=1.0, help="quality: time-grid shift")
     ap.add_argument("--gen-seed", type=int, default=0, help="quality: offset of the generation seeds")
     ap.add_argument("--resolution", type=int, default=96)
+    ap.add_argument("--smooth", type=float, default=0.0,
+                    help="Gaussian filter of decoded fields before meshing, world units (quality, sampler, ceiling)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", default=None)
     ap.add_argument("--no-pooled", action="store_true",

@@ -496,3 +496,23 @@ def test_latent_normalizer_buffers_round_trip(kind, tmp_path):
     back = type(model).from_pretrained(tmp_path / "m")
     torch.testing.assert_close(back.latent_mean, model.latent_mean)
     torch.testing.assert_close(back.latent_std, model.latent_std)
+
+
+def test_token_count_the_dit_samples_and_trains_on():
+    from types import SimpleNamespace
+
+    from shapeflow.generate import latent_shape
+    from shapeflow.train.task_dit import _check_shape
+
+    vae = SimpleNamespace(cfg=SimpleNamespace(num_latents=128))
+    free = TokenDiT(token_dit_config("tiny", in_channels=4))
+    fixed = TokenDiT(token_dit_config("tiny", in_channels=4, num_tokens=64))
+    assert latent_shape(free, vae, "token_dit") == (128, 4)  # the VAE's default
+    assert latent_shape(fixed, vae, "token_dit") == (64, 4)  # what it was trained on
+    assert latent_shape(fixed, vae, "token_dit", num_tokens=32) == (32, 4)  # explicit wins
+    _check_shape(free, torch.zeros(32, 4), "lat")
+    _check_shape(fixed, torch.zeros(64, 4), "lat")
+    with pytest.raises(ValueError, match=r"lat: latents have shape \(32, 4\), the model expects \(64, 4\)"):
+        _check_shape(fixed, torch.zeros(32, 4), "lat")
+    with pytest.raises(ValueError, match="num_tokens"):
+        token_dit_config("tiny", num_tokens=-1)

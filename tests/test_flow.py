@@ -190,3 +190,53 @@ def test_latent_normalizer_channel_global_scale_roundtrip():
         norm.normalize(torch.randn(2, 5, 4))  # wrong channel count
     with pytest.raises(ValueError):
         LatentNormalizer.from_dict({"mode": "channel", "mean": [0.0], "std": [1.0], "extra": 1})
+
+
+def test_match_tokens_is_the_optimal_per_sample_permutation():
+    import itertools
+
+    g = torch.Generator().manual_seed(5)
+    noise, data = torch.randn(3, 5, 2, generator=g), torch.randn(3, 5, 2, generator=g)
+    matched = flow.match_tokens(noise, data)
+    for b in range(3):
+        cost = torch.cdist(noise[b], data[b]).pow(2)
+        best = min(sum(cost[i, p[i]].item() for i in range(5)) for p in itertools.permutations(range(5)))
+        assert (noise[b] - matched[b]).pow(2).sum().item() == pytest.approx(best, rel=1e-6)
+        # the same set of tokens, only reordered
+        assert torch.equal(matched[b][torch.argsort(matched[b][:, 0])], data[b][torch.argsort(data[b][:, 0])])
+    # data that is the noise reordered is matched back exactly
+    perm = torch.randperm(5, generator=g)
+    assert torch.equal(flow.match_tokens(noise, noise[:, perm]), noise)
+    with pytest.raises(ValueError, match="one shape"):
+        flow.match_tokens(noise, data[:, :4])
+
+
+def test_set_coupling_trains_on_the_matched_tokens():
+    g = torch.Generator().manual_seed(6)
+    noise = torch.randn(4, 8, 3, generator=g)
+    data = noise[:, torch.randperm(8, generator=g)] + 1.0  # each data token is one noise token shifted by 1
+    t = torch.full((4,), 0.5)
+    seen = []
+
+    def model(x, tt, cond):
+        seen.append(x)
+        return torch.ones_like(x)  # the velocity of the matched pairs: data - noise = 1 everywhere
+
+    loss, _ = flow_matching_loss(model, data, noise=noise, t=t, config=FlowConfig(set_coupling="ot"))
+    assert loss.item() == pytest.approx(0.0, abs=1e-10)
+    torch.testing.assert_close(seen[0], noise + 0.5)
+    loss, _ = flow_matching_loss(model, data, noise=noise, t=t, config=FlowConfig())
+    assert loss.item() > 0.5  # unmatched, the pairs are arbitrary
+    with pytest.raises(ValueError, match="set_coupling"):
+        FlowConfig(set_coupling="sinkhorn")
+
+
+def test_set_coupling_is_refused_for_grid_dits():
+    from types import SimpleNamespace
+
+    from shapeflow.models.dit import GridDiT
+    from shapeflow.train.task_dit import _build_model
+
+    cfg = SimpleNamespace(objective=FlowConfig(set_coupling="ot"))
+    with pytest.raises(ValueError, match="only a token DiT"):
+        _build_model(GridDiT)(cfg)

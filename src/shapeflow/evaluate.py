@@ -52,12 +52,16 @@ def encoder_input(vae, kind: str, obj_dir: Path, *, n_surface: int = 4096, n_sha
 
 @torch.no_grad()
 def decode_to_mesh(vae, kind: str, z: torch.Tensor, *, resolution: int = 128,
-                   strategy: str = "hierarchical", fill_shell: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Latents of one shape -> ``(vertices, faces)`` in the canonical frame (``ValueError`` if empty)."""
+                   strategy: str = "hierarchical", fill_shell: bool = True,
+                   smooth: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Latents of one shape -> ``(vertices, faces)`` in the canonical frame (``ValueError`` if empty).
+
+    ``smooth``: Gaussian filter of the field before marching cubes (world units; 0 = none).
+    """
     if kind == "vecset_vae":
         from shapeflow.decode import latents_to_mesh
 
-        v, f, _ = latents_to_mesh(vae, z, resolution, strategy=strategy)
+        v, f, _ = latents_to_mesh(vae, z, resolution, strategy=strategy, mc_kwargs={"smooth": smooth})
         return v, f
     from shapeflow.geometry.marching_cubes import marching_cubes
     from shapeflow.models.grid_vae import grid_to_field
@@ -66,7 +70,7 @@ def decode_to_mesh(vae, kind: str, z: torch.Tensor, *, resolution: int = 128,
     if vae.cfg.input == "occupancy" and fill_shell:
         out = _filled_logits(out)
     fields, field_bound = grid_to_field(out, vae.cfg.input)
-    return marching_cubes(fields[0], 0.0, field_bound)
+    return marching_cubes(fields[0], 0.0, field_bound, smooth=smooth)
 
 
 def _filled_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -87,7 +91,7 @@ def _filled_logits(logits: torch.Tensor) -> torch.Tensor:
 def reconstruct_object(vae, kind: str, obj_dir: str | Path, *, resolution: int = 128,
                        strategy: str = "hierarchical", n_surface: int = 4096, n_sharp: int = 1024,
                        n_points: int = 100_000, num_latents: int | None = None,
-                       with_metrics: bool = True) -> dict:
+                       with_metrics: bool = True, smooth: float = 0.0) -> dict:
     """Encode + decode one preprocessed object; returns ``{"mesh": (v, f) or None, "metrics": {...}}``."""
     obj_dir = Path(obj_dir)
     p = next(vae.parameters())
@@ -101,7 +105,7 @@ def reconstruct_object(vae, kind: str, obj_dir: str | Path, *, resolution: int =
     encode_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     try:
-        mesh = decode_to_mesh(vae, kind, z, resolution=resolution, strategy=strategy)
+        mesh = decode_to_mesh(vae, kind, z, resolution=resolution, strategy=strategy, smooth=smooth)
     except ValueError as e:
         log.warning("%s: nothing decoded (%s)", obj_dir.name, e)
         mesh = None

@@ -36,6 +36,11 @@ Design choices:
 * Latents are normalised to about unit variance before flow training (TRELLIS per-channel mean/std,
   Hunyuan3D a global scale factor); :class:`LatentNormalizer` computes either from encoded training
   latents and serialises to a plain dict stored in the generator checkpoint config.
+* Token sets (VecSet latents ``(b, m, c)``) are unordered, and the token DiT is permutation-equivariant,
+  so which data token a noise token flows to is free. ``set_coupling="ot"`` picks it per sample by
+  minimum total squared distance (Hungarian matching, :func:`match_tokens`), the equivariant OT flow
+  matching of Klein, Kraemer and Noe (NeurIPS 2023): the paths stop crossing, and the network no longer
+  has to average over all token orders. Never for models with positions (grid DiTs, positional tokens).
 * Randomness comes from an optional ``torch.Generator``; draws are made on the generator's device and
   moved, so a seed gives the same numbers on CPU and GPU.
 """
@@ -221,6 +226,29 @@ class FlowConfig:
     shift: float = 1.0  # SD3 shift of training times (> 1: more noise-end samples)
     cond_dropout: float = 0.1  # CFG condition dropout probability (TRELLIS p_uncond 0.1)
     log_bins: int = 5  # number of t bands for per-band MSE logging
+    set_coupling: str = "none"  # "ot": match each sample's data tokens to its noise tokens (token sets only)
+
+    def __post_init__(self):
+        if self.set_coupling not in ("none", "ot"):
+            raise ValueError(f"FlowConfig.set_coupling must be 'none' or 'ot', got {self.set_coupling!r}")
+
+
+def match_tokens(noise: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    """Reorder each sample's data tokens so that token ``i`` is the one paired with noise token ``i``.
+
+    The pairing minimises the summed squared distance over the sample's tokens (Hungarian algorithm,
+    ``scipy.optimize.linear_sum_assignment``). ``noise``, ``data``: ``(b, m, c)``; returns ``data`` permuted
+    along ``m`` (the same set of tokens per sample).
+    """
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    if noise.shape != data.shape or data.ndim != 3:
+        raise ValueError(f"match_tokens needs noise and data of one shape (b, m, c), got {tuple(noise.shape)} "
+                         f"and {tuple(data.shape)}")
+    cost = torch.cdist(noise.detach().float(), data.detach().float()).pow(2).cpu().numpy()  # (b, m, m)
+    order = torch.from_numpy(np.stack([linear_sum_assignment(c)[1] for c in cost])).to(data.device)  # (b, m)
+    return torch.gather(data, 1, order[..., None].expand_as(data))
 
 
 def flow_matching_loss(
@@ -258,6 +286,8 @@ def flow_matching_loss(
         t = sample_t(b, config.t_sampling, mean=config.logit_mean, std=config.logit_std, shift=config.shift,
                      generator=generator, device=data.device)
     t = t.to(device=data.device, dtype=data.dtype)
+    if config.set_coupling == "ot":
+        data = match_tokens(noise, data)
     if cond is not None and config.cond_dropout > 0:
         cond = drop_condition(cond, config.cond_dropout, null=null_cond, generator=generator)
     x_t = interpolate(noise, data, t)

@@ -54,10 +54,14 @@ def class_names(dit_path: str | Path) -> list[str]:
 
 
 def latent_shape(dit, vae, kind: str, num_tokens: int | None = None) -> tuple[int, ...]:
-    """Shape of one latent sample: ``(m, c)`` for token DiTs, ``(c, r, r, r)`` for grid DiTs."""
+    """Shape of one latent sample: ``(m, c)`` for token DiTs, ``(c, r, r, r)`` for grid DiTs.
+
+    Token count ``m``: ``num_tokens``, else the DiT's trained count (``config.num_tokens``), else the VAE's
+    ``num_latents``.
+    """
     c = dit.config.in_channels
     if kind == "token_dit":
-        return (int(num_tokens or vae.cfg.num_latents), c)
+        return (int(num_tokens or getattr(dit.config, "num_tokens", 0) or vae.cfg.num_latents), c)
     r = dit.config.resolution
     return (c, r, r, r)
 
@@ -79,6 +83,7 @@ def generate(
     cfg_interval: tuple[float, float] | None = None,
     seed: int = 0,
     resolution: int = 128,
+    smooth: float = 0.0,
     num_tokens: int | None = None,
     decode: bool = True,
     device: str = "cpu",
@@ -91,6 +96,8 @@ def generate(
     cond : ``None`` (unconditional), class labels ``(num,)`` int64, or condition tokens ``(num, l, d)``.
     cfg_scale : guidance scale (1 = conditional only; needs a conditional DiT otherwise).
     resolution : marching-cubes grid for VecSet VAEs (cells per axis); grid VAEs use their own grid.
+    smooth : Gaussian filter of the decoded fields, standard deviation in world units (0: none; see
+        :func:`decode_latents`).
     """
     from shapeflow.sampling import initial_noise, sample
 
@@ -116,22 +123,27 @@ def generate(
     if not decode:
         return out
     t0 = time.perf_counter()
-    out.meshes = decode_latents(vae, vae_kind, z, resolution=resolution)
+    out.meshes = decode_latents(vae, vae_kind, z, resolution=resolution, smooth=smooth)
     seconds["decode"] = time.perf_counter() - t0
     return out
 
 
 @torch.no_grad()
 def decode_latents(vae, vae_kind: str, z: torch.Tensor, *, resolution: int = 128,
-                   strategy: str = "hierarchical") -> list[tuple[np.ndarray, np.ndarray] | None]:
-    """VAE latents ``(n, ...)`` -> one mesh per sample (``None`` where the decoded field has no surface)."""
+                   strategy: str = "hierarchical", smooth: float = 0.0) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """VAE latents ``(n, ...)`` -> one mesh per sample (``None`` where the decoded field has no surface).
+
+    ``smooth``: Gaussian filter of the decoded field before marching cubes, standard deviation in world units
+    (:func:`shapeflow.geometry.marching_cubes.marching_cubes`).
+    """
     meshes: list[tuple[np.ndarray, np.ndarray] | None] = []
     if vae_kind == "vecset_vae":
         from shapeflow.decode import latents_to_mesh
 
         for i in range(z.shape[0]):
             try:
-                v, f, _ = latents_to_mesh(vae, z[i:i + 1], resolution, strategy=strategy)
+                v, f, _ = latents_to_mesh(vae, z[i:i + 1], resolution, strategy=strategy,
+                                          mc_kwargs={"smooth": smooth})
                 meshes.append((v, f))
             except ValueError as e:
                 log.warning("sample %d: no surface decoded (%s)", i, e)
@@ -143,7 +155,7 @@ def decode_latents(vae, vae_kind: str, z: torch.Tensor, *, resolution: int = 128
     fields, field_bound = grid_to_field(vae.decode(z), vae.cfg.input)
     for i, f in enumerate(fields):
         try:
-            meshes.append(marching_cubes(f, 0.0, field_bound))
+            meshes.append(marching_cubes(f, 0.0, field_bound, smooth=smooth))
         except ValueError as e:
             log.warning("sample %d: no surface decoded (%s)", i, e)
             meshes.append(None)

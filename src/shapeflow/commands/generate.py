@@ -11,6 +11,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
+SMOOTH = 0.0  # --smooth default (world units)
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -44,6 +46,11 @@ def register(subparsers) -> None:
                    help="apply guidance only for t in [LO, HI] (t = 0 noise, 1 data)")
     p.add_argument("--seed", type=int, default=0, help="sample k uses seed + k")
     p.add_argument("--resolution", type=int, default=128, metavar="R", help="marching-cubes grid (VecSet)")
+    p.add_argument("--num-tokens", type=int, default=None, metavar="M",
+                   help="latent tokens per shape (token DiTs; default: the DiT's trained count, else the VAE's)")
+    p.add_argument("--smooth", type=float, default=SMOOTH, metavar="SIGMA",
+                   help=f"Gaussian filter of the decoded field before meshing, standard deviation in world units "
+                        f"(default {SMOOTH}; 0 = the raw field)")
     p.add_argument("--format", default="glb", choices=["glb", "obj", "ply"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, metavar="DIR")
@@ -88,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     result = generate(dit, vae, dit_kind=dit_kind, vae_kind=vae_kind, num=len(labels), cond=cond,
                       labels=labels, steps=args.steps, method=args.method, shift=args.shift, cfg_scale=args.cfg,
                       cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else None, seed=args.seed,
-                      resolution=args.resolution, device=args.device, progress=True)
+                      resolution=args.resolution, smooth=args.smooth, num_tokens=args.num_tokens,
+                      device=args.device, progress=True)
     out = Path(args.out)
     files = []
     for k, mesh in enumerate(result.meshes):
@@ -104,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         "dit": str(dit_path), "vae": str(vae_path), "labels": result.labels, "files": files,
         "steps": args.steps, "method": args.method, "shift": args.shift, "cfg": args.cfg,
         "cfg_interval": args.cfg_interval, "seed": args.seed, "resolution": args.resolution,
+        "smooth": args.smooth, "num_tokens": args.num_tokens,
         "nfe": result.nfe, "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
     })
     n_ok = sum(f is not None for f in files)

@@ -111,6 +111,14 @@ class DiTConfig:
 class TokenDiTConfig(DiTConfig):
     """Architecture of a :class:`TokenDiT` (defaults = the ``tiny`` preset, unconditional)."""
 
+    num_tokens: int = 0  # latent tokens per sample it trains on and samples by default (0: the VAE's
+    #   num_latents); no weight depends on it, training checks it against the latents
+
+    def __post_init__(self):
+        super().__post_init__()
+        if int(self.num_tokens) < 0:
+            raise ValueError(f"TokenDiTConfig.num_tokens must be >= 0 (0: the VAE's), got {self.num_tokens!r}")
+
     PRESETS: ClassVar[dict[str, dict]]
 
 

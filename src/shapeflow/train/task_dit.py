@@ -78,8 +78,9 @@ def _datasets(cfg: "ExperimentConfig"):
 def _check_shape(model: nn.Module, z: torch.Tensor, root: str) -> None:
     c = model.config.in_channels
     if isinstance(model, TokenDiT):
-        ok = z.ndim == 2 and z.shape[1] == c
-        want = f"(m, {c})"
+        m = model.config.num_tokens
+        ok = z.ndim == 2 and z.shape[1] == c and (m == 0 or z.shape[0] == m)
+        want = f"({m or 'm'}, {c})" + (" (model.num_tokens)" if m else "")
     else:
         r = model.config.resolution
         ok = tuple(z.shape) == (c, r, r, r)
@@ -90,6 +91,9 @@ def _check_shape(model: nn.Module, z: torch.Tensor, root: str) -> None:
 
 def _build_model(cls):
     def build(cfg: "ExperimentConfig") -> nn.Module:
+        if cfg.objective.set_coupling != "none" and cls is not TokenDiT:
+            raise ValueError(f"objective.set_coupling={cfg.objective.set_coupling!r} reorders latent tokens; "
+                             f"only a token DiT (unordered token sets) may use it, not a {cls.__name__}")
         model = cls(cfg.model)
         train, _ = _datasets(cfg)
         z = train.stack()  # (n, ...)

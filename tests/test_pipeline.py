@@ -758,6 +758,10 @@ def test_demo_quick_end_to_end_and_resume(tmp_path, capsys):
     # schedule must fit the run: warm-up shortened to a tenth of the steps
     vae_cfg = json.loads((out / "runs" / "vae" / "final" / "config.json").read_text())
     assert vae_cfg["train"]["warmup_steps"] == QUICK.vae_steps // 10
+    # the DiT trains on and samples latent_tokens tokens per shape, fewer than the VAE's default
+    dit_cfg = json.loads((out / "runs" / "dit" / "final" / "config.json").read_text())
+    assert dit_cfg["model"]["num_tokens"] == QUICK.latent_tokens < vae_cfg["model"]["num_latents"]
+    assert json.loads((out / "latents" / "latents.json").read_text())["latent_shape"][0] == QUICK.latent_tokens
     assert {"iou", "chamfer_l1", "f_score@1%", "normal_consistency"} <= set(report["vae_metrics"])
     assert 0 <= report["generate"]["empty"] <= len(report["generate"]["files"])
     md = (out / "report.md").read_text()

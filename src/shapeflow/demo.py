@@ -45,12 +45,15 @@ class DemoConfig:
     sdf_points: int = 32_768  # SDF samples per object
     real_resolution: int = 256  # watertight grid for the real meshes
     vae_steps: int = 1100
+    latent_tokens: int = 64  # VecSet tokens per shape the DiT generates; the VAE trains with 128 (1-NNA at 64
+    #   per class: 65.0 % with 64 tokens and 4000 DiT steps, 71.8 % with 128 tokens and 2000; BENCHMARKS.md)
     vae_batch: int = 8
-    dit_steps: int = 2000  # 1-NNA 66.6 vs 68.8 % for 1400 steps (Muon pair, 16 per class, two seeds)
+    dit_steps: int = 4000  # on 64 tokens a step costs about half of one on 128: 65.0 vs 69.4 % for 2000 steps
     dit_batch: int = 32
     gen_per_class: int = 8  # generated shapes per class (= fresh reference shapes per class)
     gen_steps: int = 25  # Euler steps
     gen_resolution: int = 64  # marching-cubes grid of generated shapes
+    gen_smooth: float = 0.0  # Gaussian filter of the decoded fields before meshing (world units)
     cfg_scale: float = 1.0  # classifier-free guidance scale: none; the 1400-step DiT loses COV under 2.0
     eval_objects: int = 8  # held-out objects for the VAE metrics
     metric_points: int = 2048  # points per cloud for COV / MMD / 1-NNA (PointFlow protocol)
@@ -99,7 +102,7 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), *, real_meshes: st
     with stage("latents"):
         from shapeflow.data.latents import encode_dataset
 
-        s = encode_dataset(vae_dir, out / "prep", out / "latents", progress=progress)
+        s = encode_dataset(vae_dir, out / "prep", out / "latents", num_latents=cfg.latent_tokens, progress=progress)
         report["latents"] = {k: v for k, v in s.items() if k != "seconds"}
     with stage("dit"):
         from shapeflow.models import load_vae
@@ -108,6 +111,7 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), *, real_meshes: st
         dit_dir = _train("demo_token_dit.yaml", out / "runs" / "dit",
                          [f"data.root={out / 'latents'}", f"data.classes={json.dumps(classes)}",
                           f"model.num_classes={len(classes)}", f"model.in_channels={vae.cfg.latent_channels}",
+                          f"model.num_tokens={cfg.latent_tokens}",
                           f"train.steps={cfg.dit_steps}", f"train.batch_size={cfg.dit_batch}"])
     with stage("generate"):
         report["generate"] = _generate(out, dit_dir, vae_dir, classes, cfg)
@@ -234,7 +238,8 @@ def _generate(out: Path, dit_dir: Path, vae_dir: Path, classes: list[str], cfg: 
     labels = [c for c in classes for _ in range(cfg.gen_per_class)]
     cond = torch.tensor([classes.index(c) for c in labels])
     res = generate(dit, vae, dit_kind=dit_kind, vae_kind=vae_kind, num=len(labels), cond=cond, labels=labels,
-                   steps=cfg.gen_steps, cfg_scale=cfg.cfg_scale, seed=1000, resolution=cfg.gen_resolution)
+                   steps=cfg.gen_steps, cfg_scale=cfg.cfg_scale, seed=1000, resolution=cfg.gen_resolution,
+                   smooth=cfg.gen_smooth)
     gen_dir = out / "generated"
     files = []
     for k, (mesh, label) in enumerate(zip(res.meshes, labels)):
@@ -245,7 +250,7 @@ def _generate(out: Path, dit_dir: Path, vae_dir: Path, classes: list[str], cfg: 
     save_png(out / "generated.png", preview_grid(res.meshes, labels, ncols=cfg.gen_per_class))
     return {"files": files, "empty": sum(f is None for f in files), "nfe": res.nfe,
             "seconds": {k: round(v, 2) for k, v in res.seconds.items()}, "cfg_scale": cfg.cfg_scale,
-            "steps": cfg.gen_steps, "resolution": cfg.gen_resolution}
+            "steps": cfg.gen_steps, "resolution": cfg.gen_resolution, "smooth": cfg.gen_smooth}
 
 
 def _eval_vae(out: Path, vae_dir: Path, cfg: DemoConfig, progress: bool) -> dict:

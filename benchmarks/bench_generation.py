@@ -164,7 +164,10 @@ def ceiling(args) -> str:
             # the encoder input the VAE was trained with (and `encode-latents` uses), not reconstruct_object's default
             trained = _vae_data_defaults(Path(spec.partition("=")[2].split(",")[1]))
             counts = dict(n_surface=int(trained.get("n_surface", 4096)), n_sharp=int(trained.get("n_sharp", 1024)),
-                          num_latents=getattr(pair["dit"].config, "num_tokens", 0) or None)  # what the DiT samples
+                          # VecSet: the token count the DiT samples (unused for grid pairs)
+                          num_latents=(pair["dit"].config.num_tokens or None) if pair["dit_kind"] == "token_dit" else None)
+            tokens = (f", {counts['num_latents'] or pair['vae'].cfg.num_latents} tokens"
+                      if pair["vae_kind"] == "vecset_vae" else "")
             recs, t0 = {c: [] for c in classes}, time.perf_counter()
             for d in objs:
                 source = json.loads((d / "meta.json").read_text())["source"]
@@ -178,8 +181,8 @@ def ceiling(args) -> str:
                 raise SystemExit(f"{args.data}: fewer than {args.per_class} objects for {short}")
             table = generation_eval(recs, refs, n_points=2048, pooled=not args.no_pooled, workers=args.workers)
             lines.append(f"### {name}: reconstructions by {pair['vae_kind']} of {args.per_class} fresh shapes per class "
-                         f"({args.data}; encoder input {counts['n_surface']} + {counts['n_sharp']} points, "
-                         f"{counts['num_latents'] or pair['vae'].cfg.num_latents} tokens), decoded "
+                         f"({args.data}; encoder input {counts['n_surface']} + {counts['n_sharp']} points"
+                         f"{tokens}), decoded "
                          f"at {_res(pair, args.resolution)} (smooth {args.smooth}), against {args.per_class} fresh "
                          f"references per class (seed {args.ref_seed}); {time.perf_counter() - t0:.0f} s\n")
             lines += _table(table)

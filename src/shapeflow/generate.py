@@ -61,7 +61,7 @@ def latent_shape(dit, vae, kind: str, num_tokens: int | None = None) -> tuple[in
     """
     c = dit.config.in_channels
     if kind == "token_dit":
-        return (int(num_tokens or getattr(dit.config, "num_tokens", 0) or vae.cfg.num_latents), c)
+        return (int(num_tokens or dit.config.num_tokens or vae.cfg.num_latents), c)
     r = dit.config.resolution
     return (c, r, r, r)
 

@@ -11,8 +11,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SMOOTH = 0.0  # --smooth default (world units)
-
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -48,9 +46,9 @@ def register(subparsers) -> None:
     p.add_argument("--resolution", type=int, default=128, metavar="R", help="marching-cubes grid (VecSet)")
     p.add_argument("--num-tokens", type=int, default=None, metavar="M",
                    help="latent tokens per shape (token DiTs; default: the DiT's trained count, else the VAE's)")
-    p.add_argument("--smooth", type=float, default=SMOOTH, metavar="SIGMA",
-                   help=f"Gaussian filter of the decoded field before meshing, standard deviation in world units "
-                        f"(default {SMOOTH}; 0 = the raw field)")
+    p.add_argument("--smooth", type=float, default=0.0, metavar="SIGMA",
+                   help="Gaussian filter of the decoded field before meshing, standard deviation in world units "
+                        "(default 0: the raw field)")
     p.add_argument("--format", default="glb", choices=["glb", "obj", "ply"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, metavar="DIR")

@@ -465,6 +465,11 @@ def test_generate_cli_class_choice(root, token_dit_run, vecset_run, capsys):
     assert not (root / "gen" / "sofa").exists()
     assert sf("generate", "--dit", token_dit_run, "--vae", vecset_run, "--out", root / "gen" / "none") == 2
     assert_one_line_error(capsys, "generate", "--class", "chair, mug")
+    for flag, value, message in (("--num-tokens", 0, "--num-tokens must be >= 1"), ("--smooth", -0.1, "smooth must be >= 0")):
+        assert sf("generate", "--dit", token_dit_run, "--vae", vecset_run, "--class", "mug", "--steps", 1,
+                  flag, value, "--out", root / "gen" / "bad") == 2
+        assert_one_line_error(capsys, "generate", message)
+    assert not (root / "gen" / "bad").exists()
 
 
 def test_generate_cli_uses_the_shipped_checkpoints(tmp_path):

@@ -136,6 +136,8 @@ def decode_latents(vae, vae_kind: str, z: torch.Tensor, *, resolution: int = 128
     ``smooth``: Gaussian filter of the decoded field before marching cubes, standard deviation in world units
     (:func:`shapeflow.geometry.marching_cubes.marching_cubes`).
     """
+    if smooth < 0:  # checked here: the per-sample errors below are caught as "no surface"
+        raise ValueError(f"smooth must be >= 0 (a length in world units), got {smooth}")
     meshes: list[tuple[np.ndarray, np.ndarray] | None] = []
     if vae_kind == "vecset_vae":
         from shapeflow.decode import latents_to_mesh

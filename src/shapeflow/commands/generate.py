@@ -64,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.num < 1:
         raise ValueError("--num must be >= 1")
+    if args.num_tokens is not None and args.num_tokens < 1:
+        raise ValueError(f"--num-tokens must be >= 1, got {args.num_tokens}")
     dit_path = Path(args.dit) if args.dit else DEFAULT_DIT
     vae_path = Path(args.vae) if args.vae else DEFAULT_VAE
     dit, dit_kind = load_dit(dit_path, ema=False)

@@ -202,3 +202,35 @@ def test_topk_selection_and_region_bucketing(tiny_vae):
     approx = VecSetField(tiny_vae, tokens, topk=16, regions=2, topk_stride=4)(pts)
     assert approx.shape == plain.shape and torch.isfinite(approx).all()
     assert not torch.equal(approx, plain)
+
+
+class _ShellVAE:
+    """Stands in for a shell-occupancy grid VAE: decodes any latent to a hollow cube, one voxel thick."""
+
+    cfg = type("Cfg", (), {"input": "occupancy"})()
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        logits = torch.full((z.shape[0], 1, 16, 16, 16), -5.0)
+        logits[:, :, 4:12, 4:12, 4:12] = 5.0
+        logits[:, :, 5:11, 5:11, 5:11] = -5.0  # hollow inside
+        return logits
+
+
+def test_generated_grid_shells_are_filled_like_reconstructions():
+    """Generation and evaluation decode latents the same way: a shell-occupancy grid decodes to the solid
+    it encloses (one outward surface), not to the shell's two walls."""
+    from shapeflow.decode import decode_to_mesh
+    from shapeflow.generate import decode_latents
+
+    h = 2.0 / 16  # cell side of the 16^3 grid over [-1, 1]
+    z = torch.zeros(2, 8, 4, 4, 4)
+    meshes = decode_latents(_ShellVAE(), "grid_vae", z)
+    assert len(meshes) == 2
+    for v, f in meshes:
+        m = trimesh.Trimesh(v, f, process=False)
+        assert m.is_watertight and m.body_count == 1
+        assert m.volume == pytest.approx((8 * h) ** 3, rel=0.05)  # walls only: (8^3 - 6^3) h^3, 42 % less
+    v, f = decode_to_mesh(_ShellVAE(), "grid_vae", z[:1], fill_shell=False)
+    assert trimesh.Trimesh(v, f, process=False).volume == pytest.approx((8 ** 3 - 6 ** 3) * h ** 3, rel=0.08)
+    with pytest.raises(ValueError, match="one shape"):
+        decode_to_mesh(_ShellVAE(), "grid_vae", z)

@@ -415,6 +415,51 @@ def latents_to_mesh(model, latents: torch.Tensor, resolution: int = 256, *, stra
 
 
 @torch.no_grad()
+def decode_to_mesh(vae, kind: str, z: torch.Tensor, *, resolution: int = 128, strategy: str = "hierarchical",
+                   fill_shell: bool = True, smooth: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Latents of one shape from either VAE family -> ``(vertices, faces)`` in the canonical frame.
+
+    ``kind``: ``"vecset_vae"`` (decoded by :func:`latents_to_mesh` at ``resolution``) or ``"grid_vae"`` (its
+    own grid; ``resolution`` and ``strategy`` do not apply). A shell-occupancy grid VAE (TRELLIS sparse
+    structure) decodes a thin double-walled shell; ``fill_shell`` meshes the solid it encloses instead
+    (:func:`filled_shell_logits`), one outward surface about half a voxel outside the true one.
+    ``smooth``: Gaussian filter of the field before marching cubes (world units; 0 = none).
+    Raises ``ValueError`` when the decoded field has no surface.
+    """
+    if kind == "vecset_vae":
+        v, f, _ = latents_to_mesh(vae, z, resolution, strategy=strategy, mc_kwargs={"smooth": smooth})
+        return v, f
+    from shapeflow.geometry.marching_cubes import marching_cubes
+    from shapeflow.models.grid_vae import grid_to_field
+
+    if z.shape[0] != 1:
+        raise ValueError(f"expected the latents of one shape, (1, c, l, l, l), got {tuple(z.shape)}")
+    out = vae.decode(z)
+    if vae.cfg.input == "occupancy" and fill_shell:
+        out = filled_shell_logits(out)
+    fields, field_bound = grid_to_field(out, vae.cfg.input)
+    return marching_cubes(fields[0], 0.0, field_bound, smooth=smooth)
+
+
+def filled_shell_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Shell occupancy logits ``(1, 1, r, r, r)`` -> logits of the solid the shell encloses.
+
+    Empty cells not reachable from the grid boundary through empty cells (6-connected flood fill) become
+    occupied (logit ``|x| + 1``); everything else is unchanged.
+    """
+    from scipy import ndimage
+
+    occ = (logits[0, 0] > 0).cpu().numpy()
+    empty = np.pad(~occ, 1, constant_values=True)
+    lab, _ = ndimage.label(empty)
+    exterior = (lab == lab[0, 0, 0])[1:-1, 1:-1, 1:-1]
+    filled = logits.clone()
+    interior = torch.from_numpy(~exterior & ~occ).to(logits.device)
+    filled[0, 0][interior] = torch.abs(logits[0, 0][interior]) + 1.0  # inside: positive logit
+    return filled
+
+
+@torch.no_grad()
 def encode_surface(model, surface, *, num_latents: int | None = None, seed: int = 0) -> torch.Tensor:
     """Deterministic latents (posterior mean) of one surface sample ``(n, 3 + f)`` -> ``(1, m, c)``."""
     p = next(model.parameters())
@@ -443,6 +488,6 @@ def reconstruct_mesh(model, surface, resolution: int = 256, *, num_latents: int 
 
 __all__ = [
     "FieldFn", "DecodeStats", "VecSetField", "resolution_chain", "dense_field", "hierarchical_field",
-    "decode_field", "latents_to_field", "field_to_mesh", "latents_to_mesh", "encode_surface",
-    "reconstruct_mesh",
+    "decode_field", "latents_to_field", "field_to_mesh", "latents_to_mesh", "decode_to_mesh",
+    "filled_shell_logits", "encode_surface", "reconstruct_mesh",
 ]

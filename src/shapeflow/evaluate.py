@@ -30,6 +30,7 @@ import torch
 from shapeflow import metrics
 from shapeflow.data import format as fmt
 from shapeflow.data.latents import _seed_of, vecset_surface
+from shapeflow.decode import decode_to_mesh
 from shapeflow.geometry.frame import BOUND
 
 log = logging.getLogger(__name__)
@@ -48,43 +49,6 @@ def encoder_input(vae, kind: str, obj_dir: Path, *, n_surface: int = 4096, n_sha
     except KeyError:
         raise ValueError(f"{obj_dir}: no {name} array (preprocess with --tsdf-res for SDF-grid VAEs)") from None
     return torch.from_numpy(g.astype(np.float32))[None, None]
-
-
-@torch.no_grad()
-def decode_to_mesh(vae, kind: str, z: torch.Tensor, *, resolution: int = 128,
-                   strategy: str = "hierarchical", fill_shell: bool = True,
-                   smooth: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """Latents of one shape -> ``(vertices, faces)`` in the canonical frame (``ValueError`` if empty).
-
-    ``smooth``: Gaussian filter of the field before marching cubes (world units; 0 = none).
-    """
-    if kind == "vecset_vae":
-        from shapeflow.decode import latents_to_mesh
-
-        v, f, _ = latents_to_mesh(vae, z, resolution, strategy=strategy, mc_kwargs={"smooth": smooth})
-        return v, f
-    from shapeflow.geometry.marching_cubes import marching_cubes
-    from shapeflow.models.grid_vae import grid_to_field
-
-    out = vae.decode(z)
-    if vae.cfg.input == "occupancy" and fill_shell:
-        out = _filled_logits(out)
-    fields, field_bound = grid_to_field(out, vae.cfg.input)
-    return marching_cubes(fields[0], 0.0, field_bound, smooth=smooth)
-
-
-def _filled_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Shell occupancy logits -> logits of the solid it encloses (exterior by flood fill from the boundary)."""
-    from scipy import ndimage
-
-    occ = (logits[0, 0] > 0).cpu().numpy()
-    empty = np.pad(~occ, 1, constant_values=True)
-    lab, _ = ndimage.label(empty)
-    exterior = (lab == lab[0, 0, 0])[1:-1, 1:-1, 1:-1]
-    filled = logits.clone()
-    interior = torch.from_numpy(~exterior & ~occ).to(logits.device)
-    filled[0, 0][interior] = torch.abs(logits[0, 0][interior]) + 1.0  # inside: positive logit
-    return filled
 
 
 @torch.no_grad()

@@ -133,31 +133,21 @@ def decode_latents(vae, vae_kind: str, z: torch.Tensor, *, resolution: int = 128
                    strategy: str = "hierarchical", smooth: float = 0.0) -> list[tuple[np.ndarray, np.ndarray] | None]:
     """VAE latents ``(n, ...)`` -> one mesh per sample (``None`` where the decoded field has no surface).
 
+    Each sample is decoded by :func:`shapeflow.decode.decode_to_mesh` (the same call ``reconstruct`` and
+    ``eval-vae`` use; shell-occupancy grid VAEs give the filled solid's surface).
+
     ``smooth``: Gaussian filter of the decoded field before marching cubes, standard deviation in world units
     (:func:`shapeflow.geometry.marching_cubes.marching_cubes`).
     """
     if smooth < 0:  # checked here: the per-sample errors below are caught as "no surface"
         raise ValueError(f"smooth must be >= 0 (a length in world units), got {smooth}")
+    from shapeflow.decode import decode_to_mesh
+
     meshes: list[tuple[np.ndarray, np.ndarray] | None] = []
-    if vae_kind == "vecset_vae":
-        from shapeflow.decode import latents_to_mesh
-
-        for i in range(z.shape[0]):
-            try:
-                v, f, _ = latents_to_mesh(vae, z[i:i + 1], resolution, strategy=strategy,
-                                          mc_kwargs={"smooth": smooth})
-                meshes.append((v, f))
-            except ValueError as e:
-                log.warning("sample %d: no surface decoded (%s)", i, e)
-                meshes.append(None)
-        return meshes
-    from shapeflow.geometry.marching_cubes import marching_cubes
-    from shapeflow.models.grid_vae import grid_to_field
-
-    fields, field_bound = grid_to_field(vae.decode(z), vae.cfg.input)
-    for i, f in enumerate(fields):
+    for i in range(z.shape[0]):
         try:
-            meshes.append(marching_cubes(f, 0.0, field_bound, smooth=smooth))
+            meshes.append(decode_to_mesh(vae, vae_kind, z[i:i + 1], resolution=resolution, strategy=strategy,
+                                         smooth=smooth))
         except ValueError as e:
             log.warning("sample %d: no surface decoded (%s)", i, e)
             meshes.append(None)

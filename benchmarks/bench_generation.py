@@ -16,7 +16,8 @@
   ``--per-class`` shapes per class, seeds 100, 101, ...), split into disjoint sets of each ``--sizes``
   per class and compared pairwise: what a *perfect* generator scores at that set size. Mean, spread and
   the share of set pairs above the 65 % target, per class and (with ``--pooled``) over all classes.
-* ``speed``: one shape sampled with 25 Euler steps and decoded at 128^3 (wall seconds, median of runs).
+* ``speed``: one shape sampled with 25 Euler steps (``--steps``, ``--method``) and decoded at 128^3 (wall
+  seconds, median of runs).
 
 Example::
 
@@ -259,10 +260,10 @@ def speed(args) -> str:
         times = []
         for k in range(args.repeats + 1):
             t0 = time.perf_counter()
-            generate(**pair, num=1, cond=cond, steps=25, seed=k, resolution=128)
+            generate(**pair, num=1, cond=cond, steps=args.steps, method=args.method, seed=k, resolution=128)
             if k:  # the first call warms up
                 times.append(time.perf_counter() - t0)
-        lines.append(f"{name}: one shape, 25 Euler steps, decoded at {_res(pair, 128)}: median {statistics.median(times):.2f} s "
+        lines.append(f"{name}: one shape, {args.steps} {args.method} steps, decoded at {_res(pair, 128)}: median {statistics.median(times):.2f} s "
                      f"(runs: {', '.join(f'{t:.2f}' for t in times)}; torch threads {torch.get_num_threads()})")
     return "\n".join(lines)
 
@@ -278,7 +279,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--cfg", type=float, default=1.0,
                     help="guidance scale (1: none, the default of the demo and of `shapeflow generate`)")
-    ap.add_argument("--method", default="euler", choices=["euler", "heun", "midpoint"], help="quality: sampler")
+    ap.add_argument("--method", default="euler", choices=["euler", "heun", "midpoint"], help="quality, speed: sampler (the demo and `shapeflow generate` use heun)")
     ap.add_argument("--shift", type=float, default=1.0, help="quality: time-grid shift")
     ap.add_argument("--gen-seed", type=int, default=0, help="quality: offset of the generation seeds")
     ap.add_argument("--resolution", type=int, default=96)

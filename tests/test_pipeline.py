@@ -433,7 +433,8 @@ def test_generate_cli_same_seed_same_files(root, token_dit_run, vecset_run, caps
         meta = json.loads((out / "generate.json").read_text())
         assert rc == (0 if all(meta["files"]) else 1)
         assert (out / "preview.png").stat().st_size > 0
-        assert meta["labels"] == ["mug", "mug"] and meta["seed"] == seed and meta["nfe"] == 3
+        assert meta["labels"] == ["mug", "mug"] and meta["seed"] == seed and meta["nfe"] == 6  # Heun (the default): 2 per step
+        assert meta["method"] == "heun"
         outs[name] = meta
     a, b, c = (root / "gen" / n for n in "abc")
     assert outs["a"]["files"] == outs["b"]["files"]
@@ -759,6 +760,7 @@ def test_demo_quick_end_to_end_and_resume(tmp_path, capsys):
     for m in report["generation_metrics"].values():
         assert {"COV-CD", "MMD-CD", "1-NNA-CD"} <= set(m)
     assert len(report["generate"]["files"]) == len(classes) * QUICK.gen_per_class
+    assert report["generate"]["method"] == QUICK.gen_method and report["generate"]["nfe"] == 2 * QUICK.gen_steps  # Heun
     # the quick run is seconds of training (quality is the full demo's business, see BENCHMARKS.md), but its
     # schedule must fit the run: warm-up shortened to a tenth of the steps
     vae_cfg = json.loads((out / "runs" / "vae" / "final" / "config.json").read_text())

@@ -51,7 +51,8 @@ class DemoConfig:
     dit_steps: int = 4000  # on 64 tokens a step costs about half of one on 128: 65.0 vs 69.4 % for 2000 steps
     dit_batch: int = 32
     gen_per_class: int = 8  # generated shapes per class (= fresh reference shapes per class)
-    gen_steps: int = 25  # Euler steps
+    gen_steps: int = 25  # sampler steps
+    gen_method: str = "heun"  # 1-NNA at 64 per class 63.8 / 63.0 % vs 65.6 / 64.9 % for Euler (two seeds; BENCHMARKS.md)
     gen_resolution: int = 64  # marching-cubes grid of generated shapes
     gen_smooth: float = 0.0  # Gaussian filter of the decoded fields before meshing (world units)
     cfg_scale: float = 1.0  # classifier-free guidance scale: none; the 1400-step DiT loses COV under 2.0
@@ -238,7 +239,7 @@ def _generate(out: Path, dit_dir: Path, vae_dir: Path, classes: list[str], cfg: 
     labels = [c for c in classes for _ in range(cfg.gen_per_class)]
     cond = torch.tensor([classes.index(c) for c in labels])
     res = generate(dit, vae, dit_kind=dit_kind, vae_kind=vae_kind, num=len(labels), cond=cond, labels=labels,
-                   steps=cfg.gen_steps, cfg_scale=cfg.cfg_scale, seed=1000, resolution=cfg.gen_resolution,
+                   steps=cfg.gen_steps, method=cfg.gen_method, cfg_scale=cfg.cfg_scale, seed=1000, resolution=cfg.gen_resolution,
                    smooth=cfg.gen_smooth)
     gen_dir = out / "generated"
     files = []
@@ -250,7 +251,7 @@ def _generate(out: Path, dit_dir: Path, vae_dir: Path, classes: list[str], cfg: 
     save_png(out / "generated.png", preview_grid(res.meshes, labels, ncols=cfg.gen_per_class))
     return {"files": files, "empty": sum(f is None for f in files), "nfe": res.nfe,
             "seconds": {k: round(v, 2) for k, v in res.seconds.items()}, "cfg_scale": cfg.cfg_scale,
-            "steps": cfg.gen_steps, "resolution": cfg.gen_resolution, "smooth": cfg.gen_smooth}
+            "steps": cfg.gen_steps, "method": cfg.gen_method, "resolution": cfg.gen_resolution, "smooth": cfg.gen_smooth}
 
 
 def _eval_vae(out: Path, vae_dir: Path, cfg: DemoConfig, progress: bool) -> dict:
@@ -302,7 +303,7 @@ def _markdown(r: dict) -> str:
               f"normal consistency {v.get('normal_consistency', float('nan')):.3f} (table: vae_eval.md)"]
     g = r["generate"]
     lines += ["", "## Generation", "",
-              f"{len(g['files'])} shapes ({g['empty']} empty), {g['steps']} Euler steps, guidance {g['cfg_scale']}, "
+              f"{len(g['files'])} shapes ({g['empty']} empty), {g['steps']} {g.get('method', 'euler').capitalize()} steps, guidance {g['cfg_scale']}, "
               f"decoded at {g['resolution']}^3; meshes in `generated/`.", "", "![generated](generated.png)", "",
               "Generation metrics against fresh synthetic shapes of each class (Chamfer on "
               f"{r['config']['metric_points']} points; 1-NNA ideal 50%):", "",

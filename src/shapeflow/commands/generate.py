@@ -37,7 +37,8 @@ def register(subparsers) -> None:
                    help="DINOv2 hub name or local directory for --image (default facebook/dinov2-large)")
     p.add_argument("--num", type=int, default=4, metavar="N", help="shapes to generate (per class with 'all')")
     p.add_argument("--steps", type=int, default=25, metavar="S", help="ODE steps (default 25)")
-    p.add_argument("--method", default="euler", choices=["euler", "heun", "midpoint"])
+    p.add_argument("--method", default="heun", choices=["euler", "heun", "midpoint"],
+                   help="ODE sampler (default heun: two evaluations per step)")
     p.add_argument("--shift", type=float, default=1.0, help="time-grid shift (> 1: more steps near noise)")
     p.add_argument("--cfg", type=float, default=1.0, metavar="W", help="guidance scale (1 = none)")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),

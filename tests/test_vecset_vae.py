@@ -280,6 +280,30 @@ def test_group_weights_and_kl_weight_enter_the_total():
         VecSetLossConfig(kind="occupancy", eikonal_weight=1.0)
 
 
+def test_a_list_of_token_counts_draws_one_count_per_step():
+    """``objective.num_latents: [a, b]`` trains each step at one of the counts, drawn with the generator."""
+    seen = []
+
+    class Spy(_AnalyticVAE):
+        def forward(self, surface, points, sample_posterior=True, num_latents=None, generator=None):
+            seen.append(num_latents)
+            return super().forward(surface, points, sample_posterior, num_latents, generator)
+
+    model, batch = Spy(lambda p: p.norm(dim=-1) - 0.6), sphere_batch()
+    cfg = VecSetLossConfig(num_latents=[8, 16], sample_posterior=False)
+    assert cfg.num_latents == (8, 16)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        vecset_vae_loss(model, batch, cfg, generator=g)
+    assert set(seen) == {8, 16} and 10 <= seen.count(8) <= 30
+    seen.clear()
+    vecset_vae_loss(model, batch, VecSetLossConfig(num_latents=12, sample_posterior=False))
+    assert seen == [12]
+    for bad in ([], [0, 8], [8, None], 2.5):
+        with pytest.raises(ValueError, match="num_latents"):
+            VecSetLossConfig(num_latents=bad)
+
+
 def test_overfits_one_batch():
     torch.manual_seed(0)
     m = VecSetVAE(from_preset("tiny", num_latents=16, latent_channels=8, width=32, heads=2,

@@ -62,7 +62,8 @@ class VecSetLossConfig:
     normal_weight: float = 0.0  # 1 - cos(grad field, normal) at surface points
     surface_samples: int = 2048  # surface points per shape for the surface / normal terms
     sample_posterior: bool = True  # decode a posterior sample (VAE) rather than the mean
-    num_latents: int | None = None  # tokens per training step (None: the model's cfg.num_latents)
+    num_latents: int | tuple[int, ...] | None = None  # tokens per training step (None: the model's
+    #   cfg.num_latents); a list draws one count per step, uniformly (TripoSG / Dora train with varying counts)
     position_weight: float = 1.0  # token positions -> their FPS points (position-bias models only)
 
     def __post_init__(self):
@@ -76,6 +77,13 @@ class VecSetLossConfig:
             raise ValueError("the eikonal term needs kind='sdf' (an occupancy logit is not a distance)")
         if not self.position_weight >= 0:
             raise ValueError(f"VecSetLossConfig.position_weight must be >= 0, got {self.position_weight!r}")
+        counts = self.num_latents if isinstance(self.num_latents, (tuple, list)) else [self.num_latents]
+        if isinstance(self.num_latents, list):
+            object.__setattr__(self, "num_latents", tuple(self.num_latents))
+        if not counts or any(c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1)
+                             for c in counts) or (len(counts) > 1 and None in counts):
+            raise ValueError(f"VecSetLossConfig.num_latents must be null, a token count >= 1 or a list of them, "
+                             f"got {self.num_latents!r}")
         if len(self.group_weights) != 3:
             raise ValueError("VecSetLossConfig.group_weights needs 3 weights "
                              "(uniform, near fine, near coarse)")
@@ -99,6 +107,14 @@ def _point_error(field: torch.Tensor, target: torch.Tensor, cfg: VecSetLossConfi
     if cfg.kind == "occupancy":
         return F.binary_cross_entropy_with_logits(field, target, reduction="none")
     return (field - target).square() if cfg.sdf_loss == "mse" else (field - target).abs()
+
+
+def _step_num_latents(cfg: VecSetLossConfig, generator: torch.Generator | None) -> int | None:
+    """This step's token count: ``cfg.num_latents``, or one of the list drawn with ``generator``."""
+    if not isinstance(cfg.num_latents, tuple):
+        return cfg.num_latents
+    k = torch.randint(len(cfg.num_latents), (1,), generator=generator, device=generator.device if generator else "cpu")
+    return cfg.num_latents[int(k)]
 
 
 def vecset_vae_loss(model, batch: dict, cfg: VecSetLossConfig = VecSetLossConfig(), *,
@@ -134,7 +150,8 @@ def vecset_vae_loss(model, batch: dict, cfg: VecSetLossConfig = VecSetLossConfig
         surf = surface.gather(1, sel[..., None].expand(-1, -1, surface.shape[-1]))  # (b, k, >=6)
         query_pts = torch.cat([points, surf[..., :3]], dim=1)  # (b, q + k, 3)
     # Call the module itself (not encode/decode/query) so DDP / FSDP wrappers see a forward pass.
-    kwargs = dict(sample_posterior=cfg.sample_posterior, num_latents=cfg.num_latents, generator=generator)
+    kwargs = dict(sample_posterior=cfg.sample_posterior, num_latents=_step_num_latents(cfg, generator),
+                  generator=generator)
     if need_grad:
         query_pts = query_pts.detach().requires_grad_(True)
         with sdpa_kernel(SDPBackend.MATH):  # fused SDPA kernels have no double backward

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
@@ -65,6 +66,9 @@ def validate(model: VecSetVAE, loader: Iterable, cfg: "ExperimentConfig") -> dic
     from shapeflow.decode import latents_to_mesh
 
     d = cfg.data
+    # with a list of training token counts, validate at the model's own count (as the encode below does)
+    objective = (dataclasses.replace(cfg.objective, num_latents=None)
+                 if isinstance(cfg.objective.num_latents, tuple) else cfg.objective)
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
 
@@ -101,7 +105,7 @@ def validate(model: VecSetVAE, loader: Iterable, cfg: "ExperimentConfig") -> dic
                 add("chamfer_l1", metrics.chamfer_distance(pts, gt_pts))
                 add("f_score", metrics.f_score(pts, gt_pts, 0.01 * scale)[0])
                 add("normal_consistency", metrics.normal_consistency(pts, nrm, gt_pts, gt_nrm))
-        lval, logs = vecset_vae_loss(model, batch, cfg.objective)
+        lval, logs = vecset_vae_loss(model, batch, objective)
         for k, val in logs.items():
             sums[k] = sums.get(k, 0.0) + float(val) * surface.shape[0]
             counts[k] = counts.get(k, 0) + surface.shape[0]

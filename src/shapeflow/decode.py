@@ -43,6 +43,9 @@ Design choices
   mean ``q . k`` over a subsample of its queries. Off by default; it changes the field slightly.
 * Stats (:class:`DecodeStats`) report decoder queries per level and wall time, so the saving of the
   hierarchical strategy is measurable.
+* :func:`decode_to_mesh` is the one "latents of one shape -> mesh" for both VAE families (VecSet through
+  the above, grid VAEs on their own grid, shell occupancy filled); ``generate``, ``reconstruct`` and
+  ``eval-vae`` all call it.
 """
 
 from __future__ import annotations

@@ -299,7 +299,7 @@ def test_a_list_of_token_counts_draws_one_count_per_step():
     seen.clear()
     vecset_vae_loss(model, batch, VecSetLossConfig(num_latents=12, sample_posterior=False))
     assert seen == [12]
-    for bad in ([], [0, 8], [8, None], 2.5):
+    for bad in ([], [0, 8], [8, None], [None], 2.5, True):
         with pytest.raises(ValueError, match="num_latents"):
             VecSetLossConfig(num_latents=bad)
 

@@ -77,11 +77,11 @@ class VecSetLossConfig:
             raise ValueError("the eikonal term needs kind='sdf' (an occupancy logit is not a distance)")
         if not self.position_weight >= 0:
             raise ValueError(f"VecSetLossConfig.position_weight must be >= 0, got {self.position_weight!r}")
-        counts = self.num_latents if isinstance(self.num_latents, (tuple, list)) else [self.num_latents]
-        if isinstance(self.num_latents, list):
+        if isinstance(self.num_latents, list):  # YAML lists -> a hashable, frozen tuple
             object.__setattr__(self, "num_latents", tuple(self.num_latents))
-        if not counts or any(c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1)
-                             for c in counts) or (len(counts) > 1 and None in counts):
+        counts = self.num_latents if isinstance(self.num_latents, tuple) else (self.num_latents,)
+        is_count = [isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts]
+        if self.num_latents is not None and not (counts and all(is_count)):
             raise ValueError(f"VecSetLossConfig.num_latents must be null, a token count >= 1 or a list of them, "
                              f"got {self.num_latents!r}")
         if len(self.group_weights) != 3:

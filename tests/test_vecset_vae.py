@@ -304,6 +304,26 @@ def test_a_list_of_token_counts_draws_one_count_per_step():
             VecSetLossConfig(num_latents=bad)
 
 
+def test_validation_runs_at_the_models_own_token_count_when_training_draws_from_a_list():
+    """Training with ``num_latents: [4, 12]`` still validates at the model's count (as encode-latents)."""
+    from types import SimpleNamespace
+
+    from shapeflow.train.task_vecset import validate
+
+    model, seen = tiny_model(), []
+    select = model.select_queries
+
+    def spy(surface, num_latents=None, *, generator=None):
+        seen.append(model.cfg.num_latents if num_latents is None else num_latents)
+        return select(surface, num_latents, generator=generator)
+
+    model.select_queries = spy
+    cfg = SimpleNamespace(data=SimpleNamespace(val_mesh_resolution=0),
+                          objective=VecSetLossConfig(num_latents=[4, 12], sample_posterior=False))
+    logs = validate(model.eval(), [sphere_batch()], cfg)
+    assert seen and set(seen) == {model.cfg.num_latents} == {16}  # the encode and the loss both
+    assert {"iou", "iou_near", "recon"} <= set(logs)
+
 def test_overfits_one_batch():
     torch.manual_seed(0)
     m = VecSetVAE(from_preset("tiny", num_latents=16, latent_channels=8, width=32, heads=2,

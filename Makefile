@@ -1,27 +1,41 @@
 # Quick start: `make demo` (main job) and `make test` (test suite). Both create .venv and install first.
 #
-# The CPU torch wheel is pinned by default so a fresh machine does not pull a multi-GB CUDA build.
-# GPU users override it, e.g.:
-#   make demo TORCH="torch==2.9.1" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128"
+# The CPU build of torch is installed by default so a fresh machine does not pull a multi-GB CUDA build:
+# a wheel of that version already on disk (pip's find-links) is used first, else PyTorch's CPU index.
+# GPU users override it, e.g. (changing TORCH or TORCH_INDEX reinstalls torch into the existing .venv):
+#   make demo TORCH="torch==2.13.0" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128"
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
-TORCH_INDEX ?=
+TORCH_CPU_INDEX := --index-url https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?= $(TORCH_CPU_INDEX)
 DEMO_OUT ?= runs/demo
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-installed
+TORCH_SPEC := $(VENV)/.torch-spec
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean FORCE
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+# rewritten only when the torch choice changes, so that a new choice reinstalls
+$(TORCH_SPEC): FORCE
+	@mkdir -p $(VENV)
+	@echo '$(TORCH) $(TORCH_INDEX)' | cmp -s - $@ || echo '$(TORCH) $(TORCH_INDEX)' > $@
+
+$(STAMP): pyproject.toml Makefile $(TORCH_SPEC)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+ifeq ($(TORCH_INDEX),$(TORCH_CPU_INDEX))
+	$(BIN)/python -m pip install -q --no-index --no-deps "$(TORCH)" 2>/dev/null \
+		&& $(BIN)/python -m pip install -q "$(TORCH)" \
+		|| $(BIN)/python -m pip install -q "$(TORCH)" $(TORCH_INDEX)
+else
 	$(BIN)/python -m pip install -q "$(TORCH)" $(TORCH_INDEX)
+endif
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 

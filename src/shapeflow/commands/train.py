@@ -25,7 +25,7 @@ def register(subparsers) -> None:
         epilog="examples:\n"
                "  shapeflow train configs/toy.yaml train.steps=100 --out runs/toy\n"
                "  shapeflow train configs/toy.yaml --out runs/toy --resume\n"
-               "  torchrun --nproc_per_node=8 -m shapeflow train configs/dit_base.yaml --out runs/dit",
+               "  torchrun --nproc_per_node=8 -m shapeflow train configs/token_dit_base.yaml --out runs/dit",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", help="experiment YAML file (configs/*.yaml)")

@@ -10,9 +10,9 @@ Command lines::
     shapeflow train configs/vecset_vae_base.yaml --out runs/vae_base --resume     # after a stop / preemption
 
     # several GPUs / nodes (DDP; train.batch_size is the GLOBAL batch)
-    torchrun --nproc_per_node=8 -m shapeflow train configs/dit_base.yaml --out runs/dit_base
+    torchrun --nproc_per_node=8 -m shapeflow train configs/token_dit_base.yaml --out runs/dit_base
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \\
-        -m shapeflow train configs/dit_large.yaml train.strategy=fsdp --out runs/dit_large --resume
+        -m shapeflow train configs/token_dit_large.yaml --out runs/dit_large --resume
 
 Design choices:
 

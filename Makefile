@@ -22,10 +22,13 @@ TORCH_SPEC := $(VENV)/.torch-spec
 
 setup: $(STAMP)
 
-# rewritten only when the torch choice changes, so that a new choice reinstalls
+# rewritten only when the torch choice changes; then the old torch is removed, so that the same version
+# from another index (e.g. a CUDA build instead of the CPU one) really replaces it
 $(TORCH_SPEC): FORCE
 	@mkdir -p $(VENV)
-	@echo '$(TORCH) $(TORCH_INDEX)' | cmp -s - $@ || echo '$(TORCH) $(TORCH_INDEX)' > $@
+	@echo '$(TORCH) $(TORCH_INDEX)' | cmp -s - $@ || { \
+		if test -f $@ && test -x $(BIN)/python; then $(BIN)/python -m pip uninstall -q -y torch; fi; \
+		echo '$(TORCH) $(TORCH_INDEX)' > $@; }
 
 $(STAMP): pyproject.toml Makefile $(TORCH_SPEC)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -1,4 +1,5 @@
-"""Experiment configs: YAML + overrides -> typed dataclasses, strict errors, presets, JSON round trip."""
+"""Configs: YAML + overrides -> typed dataclasses (shapeflow.config), strict errors, presets, and the
+experiment files of the training engine (shapeflow.train.experiment) with their JSON round trip."""
 
 from __future__ import annotations
 
@@ -10,18 +11,18 @@ from typing import Literal, Optional
 
 import pytest
 
-from shapeflow.config import (
-    ConfigError,
+from shapeflow.config import ConfigError, from_dict, preset, to_dict
+from shapeflow.train.experiment import (
     ExperimentConfig,
     TrainConfig,
     config_from_dict,
-    from_dict,
     load_config,
     load_resolved,
     save_resolved,
-    to_dict,
 )
-from shapeflow.train.tasks import TOY_PRESETS, ToyDataConfig, ToyModelConfig
+from shapeflow.train.task_toy import ToyDataConfig, ToyModelConfig
+
+TOY_PRESETS = ToyModelConfig.PRESETS
 
 TOY_YAML = Path(__file__).resolve().parents[1] / "configs" / "toy.yaml"
 
@@ -98,7 +99,7 @@ def test_unknown_key_in_override_names_the_override(tmp_path):
         ("train: {grad_clip: big}", r"train.grad_clip: expected float"),
         ("train: {batch_size: 0}", r"train.batch_size: must be >= 1"),
         ("model: 3", r"model: expected a mapping"),
-        ("model: {preset: huge}", r"model.preset: unknown preset 'huge' for task toy \(known: tiny, small\)"),
+        ("model: {preset: huge}", r"model.preset: unknown preset 'huge' for ToyModelConfig \(known: tiny, small\)"),
         ("out_dir: 3", r"out_dir: expected str"),
     ],
 )
@@ -202,5 +203,15 @@ def test_every_shipped_config_resolves():
         load_config(p)
     packaged = repo / "src" / "shapeflow" / "assets" / "configs"
     load_config(packaged / "demo_vecset_vae.yaml")
-    cfg = load_config(packaged / "demo_token_dit.yaml", ["model.num_classes=8", "model.num_tokens=64"])
-    assert (cfg.model.num_classes, cfg.model.num_tokens) == (8, 64)
+    cfg = load_config(packaged / "demo_token_dit.yaml", ["model.classes=[a, b]", "model.num_tokens=64"])
+    assert (cfg.model.num_classes, cfg.model.num_tokens) == (2, 64)
+
+
+def test_preset_is_expanded_in_one_place_for_every_config_class():
+    """config.preset and a ``preset`` key of any mapping give the same config; the other keys win."""
+    assert preset(ToyModelConfig, "tiny") == ToyModelConfig(**TOY_PRESETS["tiny"])
+    assert preset(ToyModelConfig, "tiny", depth=4) == from_dict(ToyModelConfig, {"preset": "tiny", "depth": 4})
+    with pytest.raises(ConfigError, match=r"preset: unknown preset 'x' for ToyModelConfig"):
+        preset(ToyModelConfig, "x")
+    with pytest.raises(ConfigError, match=r"src: m.preset: unknown preset 'p' for _Inner \(known: none defined\)"):
+        from_dict(_Inner, {"preset": "p"}, "src", prefix="m")

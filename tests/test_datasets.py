@@ -11,6 +11,8 @@ from torch.utils.data import DataLoader
 from shapeflow.data import preprocess as pp
 from shapeflow.data.datasets import GridDataset, VecSetDataset, class_names, is_val
 
+COUNTS = dict(surface_points=32, sharp_points=8, n_queries=32)
+
 CFG = pp.PreprocessConfig(resolution=32, surface_points=400, sharp_points=100, sdf_points=900, tsdf_res=8)
 
 
@@ -32,7 +34,7 @@ def prepared(tmp_path_factory):
 
 
 def test_vecset_item_shapes_and_values(prepared):
-    ds = VecSetDataset(prepared, n_surface=64, n_sharp=16, n_queries=90, split="all",
+    ds = VecSetDataset(prepared, surface_points=64, sharp_points=16, n_queries=90, split="all",
                        classes=["ball", "cube"])
     assert len(ds) == 5
     for i in range(len(ds)):
@@ -56,7 +58,7 @@ def test_vecset_item_shapes_and_values(prepared):
 
 
 def test_vecset_sdf_sign_matches_geometry(prepared):
-    ds = VecSetDataset(prepared, n_surface=8, n_sharp=0, n_queries=500, query_fractions=(1, 0, 0),
+    ds = VecSetDataset(prepared, surface_points=8, sharp_points=0, n_queries=500, query_fractions=(1, 0, 0),
                        split="all")
     eps = CFG.eps_voxels * 2.0 / CFG.resolution
     for i in range(len(ds)):
@@ -70,13 +72,13 @@ def test_vecset_sdf_sign_matches_geometry(prepared):
 
 
 def test_query_group_fractions(prepared):
-    ds = VecSetDataset(prepared, n_surface=8, n_sharp=0, n_queries=100, query_fractions=(0, 1, 0),
+    ds = VecSetDataset(prepared, surface_points=8, sharp_points=0, n_queries=100, query_fractions=(0, 1, 0),
                        split="all")
     item = ds[0]
     # All points come from the fine near-surface group: |sdf| small.
     assert item["sdf"].abs().max() < 0.06
     assert (item["groups"] == 1).all()
-    ds = VecSetDataset(prepared, n_surface=8, n_sharp=0, n_queries=100, query_fractions=(0.5, 0.2, 0.3),
+    ds = VecSetDataset(prepared, surface_points=8, sharp_points=0, n_queries=100, query_fractions=(0.5, 0.2, 0.3),
                        split="all")
     assert np.bincount(ds[1]["groups"].numpy(), minlength=3).tolist() == [50, 20, 30]
 
@@ -86,7 +88,7 @@ def test_vecset_items_are_rows_of_the_file(prepared):
     # value and group (the loader reads them through memory maps)
     from shapeflow.data import format as fmt
 
-    ds = VecSetDataset(prepared, n_surface=50, n_sharp=20, n_queries=120, split="all")
+    ds = VecSetDataset(prepared, surface_points=50, sharp_points=20, n_queries=120, split="all")
     for i in range(len(ds)):
         a = fmt.read_sample_file(ds.object_dir(i) / fmt.SAMPLES_FILE)
         item = ds[i]
@@ -100,20 +102,20 @@ def test_vecset_items_are_rows_of_the_file(prepared):
 
 
 def test_splits_are_disjoint_and_cover(prepared):
-    tr = VecSetDataset(prepared, split="train", val_fraction=0.4)
-    va = VecSetDataset(prepared, split="val", val_fraction=0.4)
+    tr = VecSetDataset(prepared, split="train", val_fraction=0.4, **COUNTS)
+    va = VecSetDataset(prepared, split="val", val_fraction=0.4, **COUNTS)
     ids_tr = {r["id"] for r in tr.records}
     ids_va = {r["id"] for r in va.records}
     assert not ids_tr & ids_va and len(ids_tr | ids_va) == 5
     assert all(is_val(i, 0.4) for i in ids_va)
-    assert len(VecSetDataset(prepared, split="val", val_fraction=0.0)) == 0
-    assert len(VecSetDataset(prepared, split="train", val_fraction=0.0)) == 5
+    assert len(VecSetDataset(prepared, split="val", val_fraction=0.0, **COUNTS)) == 0
+    assert len(VecSetDataset(prepared, split="train", val_fraction=0.0, **COUNTS)) == 5
     with pytest.raises(ValueError):
-        VecSetDataset(prepared, split="test")
+        VecSetDataset(prepared, split="test", **COUNTS)
 
 
 def test_subsamples_differ_between_items_calls_and_workers(prepared):
-    ds = VecSetDataset(prepared, n_surface=32, n_sharp=8, n_queries=32, split="all")
+    ds = VecSetDataset(prepared, surface_points=32, sharp_points=8, n_queries=32, split="all")
     torch.manual_seed(0)
     a, b = ds[0], ds[0]
     assert not torch.equal(a["points"], b["points"])  # the main process advances its generator
@@ -151,4 +153,4 @@ def test_grid_dataset(prepared):
 
 def test_missing_folder_raises(tmp_path):
     with pytest.raises(FileNotFoundError):
-        VecSetDataset(tmp_path)
+        VecSetDataset(tmp_path, **COUNTS)

@@ -19,18 +19,8 @@ from shapeflow.decode import (
 )
 from shapeflow.geometry import grid
 from shapeflow.geometry.marching_cubes import marching_cubes
-from shapeflow.models.vecset_vae import VecSetVAE, from_preset
+from shapeflow.models.vecset_vae import VecSetVAE
 from shapeflow.nn.blocks import select_topk_kv
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread; on a shared 2-core machine the OpenMP barriers
-    of two threads made small ops many times slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def torus(p: torch.Tensor) -> torch.Tensor:
@@ -131,8 +121,8 @@ def test_decode_field_rejects_unknown_strategy():
 @pytest.fixture(scope="module", params=[False, True], ids=["plain", "position_bias"])
 def tiny_vae(request):
     torch.manual_seed(0)
-    model = VecSetVAE(from_preset("tiny", num_latents=32, latent_channels=8, width=32, heads=2,
-                                  encoder_layers=1, decoder_layers=1, position_bias=request.param)).eval()
+    model = VecSetVAE.from_preset("tiny", num_tokens=32, latent_channels=8, width=32, heads=2,
+                                  encoder_layers=1, decoder_layers=1, position_bias=request.param).eval()
     torch.nn.init.normal_(model.geo_decoder.output_proj.weight, std=0.05)
     return model
 
@@ -207,7 +197,7 @@ def test_topk_selection_and_region_bucketing(tiny_vae):
 class _ShellVAE:
     """Stands in for a shell-occupancy grid VAE: decodes any latent to a hollow cube, one voxel thick."""
 
-    cfg = type("Cfg", (), {"input": "occupancy"})()
+    config = type("Config", (), {"input": "occupancy"})()
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         logits = torch.full((z.shape[0], 1, 16, 16, 16), -5.0)
@@ -224,8 +214,8 @@ def test_generated_grid_shells_are_filled_like_reconstructions():
 
     h = 2.0 / 16  # cell side of the 16^3 grid over [-1, 1]
     z = torch.zeros(2, 8, 4, 4, 4)
-    meshes = decode_latents(_ShellVAE(), "grid_vae", z)
-    assert len(meshes) == 2
+    meshes, empty = decode_latents(_ShellVAE(), "grid_vae", z)
+    assert len(meshes) == 2 and empty == {}
     for v, f in meshes:
         m = trimesh.Trimesh(v, f, process=False)
         assert m.is_watertight and m.body_count == 1
@@ -234,3 +224,25 @@ def test_generated_grid_shells_are_filled_like_reconstructions():
     assert trimesh.Trimesh(v, f, process=False).volume == pytest.approx((8 ** 3 - 6 ** 3) * h ** 3, rel=0.08)
     with pytest.raises(ValueError, match="one shape"):
         decode_to_mesh(_ShellVAE(), "grid_vae", z)
+
+
+class _EmptyVAE(_ShellVAE):
+    """Decodes every latent to nothing: empty space everywhere."""
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.full((z.shape[0], 1, 16, 16, 16), -5.0)
+
+
+def test_an_empty_decode_is_counted_per_sample_and_other_errors_raise():
+    """'No surface' is a per-sample outcome with its reason; a caller's error is not swallowed."""
+    from shapeflow.generate import decode_latents
+
+    meshes, empty = decode_latents(_EmptyVAE(), "grid_vae", torch.zeros(2, 8, 4, 4, 4))
+    assert meshes == [None, None] and sorted(empty) == [0, 1]
+    assert all("no surface to extract" in reason for reason in empty.values())
+    with pytest.raises(ValueError, match="smooth must be >= 0"):
+        decode_latents(_ShellVAE(), "grid_vae", torch.zeros(1, 8, 4, 4, 4), smooth=-1.0)
+    with pytest.raises(ValueError, match="input_kind must be"):  # a broken VAE is an error, not "no surface"
+        bad = _ShellVAE()
+        bad.config = type("Config", (), {"input": "points"})()
+        decode_latents(bad, "grid_vae", torch.zeros(1, 8, 4, 4, 4))

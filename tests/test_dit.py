@@ -9,30 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import TINY_DIT as TINY
+
+from shapeflow.checkpoint import CheckpointError
+from shapeflow.config import ConfigError, preset
 from shapeflow.flow import FlowConfig, flow_matching_loss
-from shapeflow.models.dit import (
-    GridDiT,
-    GridDiTConfig,
-    TokenDiT,
-    TokenDiTConfig,
-    grid_dit_config,
-    load_dit,
-    sincos_3d_position_embedding,
-    token_dit_config,
-)
+from shapeflow.models import load_dit
+from shapeflow.models.dit import GridDiT, GridDiTConfig, TokenDiT, TokenDiTConfig
+from shapeflow.nn.embeddings import sincos_3d_position_embedding
 from shapeflow.nn.spatial import patchify_3d, unpatchify_3d
 
-TINY = dict(width=32, depth=2, heads=2)
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP spinning makes
-    them 10-40x slower; restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+CLASSES = ("a", "b", "c")
 
 
 def _perturb(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> None:
@@ -48,7 +35,7 @@ def _models():
     return [
         TokenDiT(TokenDiTConfig(in_channels=8, **TINY)),
         TokenDiT(TokenDiTConfig(in_channels=8, cond="image", cond_dim=12, long_skip=True, width=32, depth=5, heads=2)),
-        TokenDiT(TokenDiTConfig(in_channels=8, cond="class", num_classes=3, **TINY)),
+        TokenDiT(TokenDiTConfig(in_channels=8, cond="class", classes=CLASSES, **TINY)),
         GridDiT(GridDiTConfig(in_channels=4, resolution=4, patch_size=2, **TINY)),
         GridDiT(GridDiTConfig(in_channels=4, resolution=4, patch_size=1, cond="image", cond_dim=12,
                               final_adaln=False, **TINY)),
@@ -72,21 +59,24 @@ def _inputs(model, b=2, seed=0):
 
 
 def test_presets_and_config_errors():
-    assert token_dit_config("tiny").width == 128
-    trellis = grid_dit_config("trellis_ss_flow_img_L")
+    assert preset(TokenDiTConfig, "tiny").width == 128
+    trellis = preset(GridDiTConfig, "trellis_ss_flow_img_L")
     assert (trellis.resolution, trellis.width, trellis.depth, trellis.heads, trellis.patch_size) == (16, 1024, 24, 16, 1)
     assert trellis.num_tokens == 4096 and trellis.qk_norm == "rms" and trellis.qk_norm_cross is None
     with torch.device("meta"):
         n = GridDiT(trellis).num_params()
     assert 550e6 < n < 560e6  # TRELLIS SS flow L: about 556 M
-    with pytest.raises(ValueError, match="preset"):
-        token_dit_config("huge")
-    with pytest.raises(ValueError, match="field"):
-        token_dit_config("tiny", widht=3)
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        preset(TokenDiTConfig, "huge")
+    with pytest.raises(ConfigError, match=r"widht: unknown key"):
+        preset(TokenDiTConfig, "tiny", widht=3)
     with pytest.raises(ValueError, match="divisible"):
         GridDiTConfig(resolution=6, patch_size=4)
-    with pytest.raises(ValueError, match="num_classes"):
+    with pytest.raises(ValueError, match="needs the class names"):
         TokenDiTConfig(cond="class")
+    with pytest.raises(ValueError, match="duplicate names"):
+        TokenDiTConfig(cond="class", classes=("a", "a"))
+    assert TokenDiTConfig(cond="class", classes=CLASSES).num_classes == 3
     with pytest.raises(ValueError, match="cond_dim"):
         TokenDiTConfig(cond="image")
 
@@ -106,7 +96,7 @@ def test_fresh_model_outputs_zero_and_blocks_are_identity(idx):
 
 
 @pytest.mark.parametrize("idx", range(5))
-def test_finite_gradients_on_every_parameter(idx, one_thread):
+def test_finite_gradients_on_every_parameter(idx):
     model = _models()[idx]
     _perturb(model)
     x, t, cond = _inputs(model)
@@ -152,7 +142,7 @@ def test_batch_of_one_equals_batched_and_token_count_is_free():
 
 
 def test_conditioning_changes_the_output():
-    cls_model = TokenDiT(TokenDiTConfig(in_channels=8, cond="class", num_classes=3, **TINY))
+    cls_model = TokenDiT(TokenDiTConfig(in_channels=8, cond="class", classes=CLASSES, **TINY))
     _perturb(cls_model)
     x, t, _ = _inputs(cls_model)
     a = cls_model(x, t, torch.tensor([0, 0]))
@@ -210,7 +200,7 @@ def test_grid_dit_tokens_follow_patchify_order_and_position_embedding():
 
 
 @pytest.mark.parametrize("kind", ["token", "grid"])
-def test_overfit_one_batch(kind, one_thread):
+def test_overfit_one_batch(kind):
     torch.manual_seed(0)
     if kind == "token":
         model = TokenDiT(TokenDiTConfig(in_channels=8, width=32, depth=2, heads=4))
@@ -241,7 +231,8 @@ def test_save_load_roundtrip(idx, tmp_path):
     assert loaded.config == model.config
     x, t, cond = _inputs(model)
     assert torch.equal(loaded(x, t, cond), model(x, t, cond))
-    assert type(load_dit(tmp_path / "ckpt")) is type(model)
+    dit, kind = load_dit(tmp_path / "ckpt")
+    assert type(dit) is type(model) and kind == model.kind
 
 
 def test_engine_layout_and_strict_errors(tmp_path):
@@ -251,24 +242,44 @@ def test_engine_layout_and_strict_errors(tmp_path):
     ckpt = tmp_path / "run" / "final"
     ckpt.mkdir(parents=True)
     # the training engine's resolved config: model fields under "model", other sections beside
-    (ckpt / "config.json").write_text(json.dumps({"task": "x", "model": {"preset": "tiny", "in_channels": 8, **TINY},
+    (ckpt / "config.json").write_text(json.dumps({"task": "token_dit", "kind": "token_dit",
+                                                  "model": {"preset": "tiny", "in_channels": 8, **TINY},
                                                   "train": {"steps": 1}}))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(ckpt / "model.safetensors"))
-    loaded = TokenDiT.from_pretrained(ckpt)
+    loaded = TokenDiT.from_pretrained(tmp_path / "run")  # a run directory stands for its final/
     assert loaded.config == model.config
-    with pytest.raises(ValueError, match="GridDiT"):
+    with pytest.raises(CheckpointError, match="holds a token_dit model, not a grid_dit"):
         GridDiT.from_pretrained(ckpt)
     state["extra.weight"] = torch.zeros(1)
     del state["out_layer.bias"]
     save_file(state, str(ckpt / "model.safetensors"))
     with pytest.raises(ValueError, match=r"missing keys: out_layer.bias.*unexpected keys: extra.weight"):
         TokenDiT.from_pretrained(ckpt)
-    (ckpt / "config.json").write_text(json.dumps({"model": {"widht": 3}}))
+    (ckpt / "config.json").write_text(json.dumps({"kind": "token_dit", "model": {"widht": 3}}))
     with pytest.raises(ValueError, match="widht"):
         TokenDiT.from_pretrained(ckpt)
     with pytest.raises(FileNotFoundError):
         TokenDiT.from_pretrained(tmp_path / "nope")
+
+
+def test_older_class_conditional_checkpoints_are_upgraded(tmp_path, caplog):
+    """Before the names were part of the model: model.num_classes + data.classes."""
+    model = TokenDiT(TokenDiTConfig(in_channels=8, cond="class", classes=CLASSES, num_tokens=64, **TINY))
+    model.save_pretrained(tmp_path / "m")
+    raw = json.loads((tmp_path / "m" / "config.json").read_text())
+    raw["model"]["num_classes"] = len(raw["model"].pop("classes"))
+    old = {"task": "token_dit", "model": raw["model"], "data": {"classes": list(CLASSES)}}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(old))
+    with caplog.at_level("INFO"):
+        assert TokenDiT.from_pretrained(tmp_path / "m").config == model.config
+    assert any("model.classes" in r.getMessage() for r in caplog.records)
+    old["model"]["num_tokens"] = 0  # "the VAE's count": not recoverable from the checkpoint alone
+    (tmp_path / "m" / "config.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="num_tokens must be >= 1"):
+        TokenDiT.from_pretrained(tmp_path / "m")
+    assert any("num_tokens is 0" in r.getMessage() for r in caplog.records)
+    assert TokenDiT.from_pretrained(tmp_path / "m", num_tokens=64).config == model.config
 
 
 # ------------------------------------------------------------------------------------------------
@@ -377,12 +388,11 @@ def _trellis_reference(sd, a, x, t_trellis, cond):
 def test_trellis_ss_flow_loader_matches_reference(tmp_path, qk_cross, patch):
     from safetensors.torch import save_file
 
+    from shapeflow.models.pretrained import trellis_ss_flow
     from shapeflow.models.pretrained.trellis_ss_flow import (
         TRELLIS_SAMPLER_DEFAULTS,
         TrellisFlowAdapter,
         is_trellis_checkpoint,
-        load_trellis_grid_dit,
-        load_trellis_ss_flow,
     )
 
     a = _trellis_args(qk_cross, patch)
@@ -393,7 +403,7 @@ def test_trellis_ss_flow_loader_matches_reference(tmp_path, qk_cross, patch):
     save_file(sd, str(prefix) + ".safetensors")
     assert is_trellis_checkpoint(prefix) and is_trellis_checkpoint(str(prefix) + ".json")
 
-    model = load_trellis_grid_dit(str(prefix) + ".safetensors", convention="trellis")
+    model = GridDiT.from_release(trellis_ss_flow.convert(str(prefix) + ".safetensors", convention="trellis"))
     assert model.config.heads == 4 and model.config.final_adaln is False
     assert all(v.dtype == torch.float32 for v in model.state_dict().values())
     g = torch.Generator().manual_seed(3)
@@ -407,14 +417,14 @@ def test_trellis_ss_flow_loader_matches_reference(tmp_path, qk_cross, patch):
         assert ref.abs().mean() > 0.1  # a non-trivial output was compared
         # shapeflow's convention: v(x, t) = -trellis(x, 1000 (1 - t)), by the run-time adapter ...
         torch.testing.assert_close(TrellisFlowAdapter(model)(x, 1 - t_trellis, cond), -ref, atol=1e-4, rtol=1e-4)
-        # ... and folded into the weights (the default of from_pretrained / load_trellis_ss_flow)
-        for folded in (GridDiT.from_pretrained(str(prefix) + ".safetensors"), load_trellis_ss_flow(prefix)):
+        # ... and folded into the weights (the default of from_pretrained and of the registry)
+        for folded in (GridDiT.from_pretrained(str(prefix) + ".safetensors"), load_dit(prefix)[0]):
             assert type(folded) is GridDiT
             torch.testing.assert_close(folded(x, 1 - t_trellis, cond), -ref, atol=1e-4, rtol=1e-4)
     assert TRELLIS_SAMPLER_DEFAULTS["cfg_scale"] == 6.0 and TRELLIS_SAMPLER_DEFAULTS["cfg_interval"] == (0.0, 0.5)
 
 
-def test_trellis_sampler_equivalence(tmp_path, one_thread):
+def test_trellis_sampler_equivalence(tmp_path):
     """Our Euler sampler on the adapter reproduces TRELLIS's FlowEuler(Guidance-Interval) sampler loop."""
     from shapeflow.models.pretrained.trellis_ss_flow import (
         convert_trellis_state_dict,
@@ -425,10 +435,9 @@ def test_trellis_sampler_equivalence(tmp_path, one_thread):
 
     a = _trellis_args(False, 1)
     sd = _trellis_state(a, seed=1)
-    model = GridDiT(grid_dit_config_from_trellis({"name": "SparseStructureFlowModel", "args": a}))
+    model = GridDiT(GridDiTConfig(**grid_dit_config_from_trellis({"name": "SparseStructureFlowModel", "args": a})))
     identity = {k: v for k, v in model.state_dict().items() if k in ("latent_mean", "latent_std")}
-    model.load_state_dict({**convert_trellis_state_dict(sd), **identity}, strict=True)
-    fold_trellis_convention(model)
+    model.load_state_dict(fold_trellis_convention({**convert_trellis_state_dict(sd), **identity}), strict=True)
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(2, 3, 4, 4, 4, generator=g)
     cond = torch.randn(2, 6, 20, generator=g)
@@ -455,8 +464,6 @@ def test_trellis_sampler_equivalence(tmp_path, one_thread):
 def test_trellis_loader_errors(tmp_path):
     from safetensors.torch import save_file
 
-    from shapeflow.models.pretrained.trellis_ss_flow import load_trellis_grid_dit
-
     a = _trellis_args(False, 1)
     sd = _trellis_state(a)
     js = tmp_path / "m.json"
@@ -465,12 +472,12 @@ def test_trellis_loader_errors(tmp_path):
     del sd["blocks.1.mlp.mlp.2.bias"]
     save_file(sd, str(tmp_path / "m.safetensors"))
     with pytest.raises(ValueError, match=r"missing keys: blocks\.1\.mlp\.fc2\.bias.*unexpected keys: blocks\.0\.extra"):
-        load_trellis_grid_dit(tmp_path / "m")
+        GridDiT.from_pretrained(tmp_path / "m")
     js.write_text(json.dumps({"name": "SparseStructureFlowModel", "args": {**a, "pe_mode": "rope"}}))
     with pytest.raises(ValueError, match="pe_mode"):
-        load_trellis_grid_dit(tmp_path / "m")
+        GridDiT.from_pretrained(tmp_path / "m")
     with pytest.raises(FileNotFoundError):
-        load_trellis_grid_dit(tmp_path / "absent")
+        GridDiT.from_pretrained(tmp_path / "absent")
 
 
 @pytest.mark.parametrize("kind", ["token", "grid"])
@@ -499,20 +506,17 @@ def test_latent_normalizer_buffers_round_trip(kind, tmp_path):
 
 
 def test_token_count_the_dit_samples_and_trains_on():
-    from types import SimpleNamespace
-
     from shapeflow.generate import latent_shape
     from shapeflow.train.task_dit import _check_shape
 
-    vae = SimpleNamespace(cfg=SimpleNamespace(num_latents=128))
-    free = TokenDiT(token_dit_config("tiny", in_channels=4))
-    fixed = TokenDiT(token_dit_config("tiny", in_channels=4, num_tokens=64))
-    assert latent_shape(free, vae, "token_dit") == (128, 4)  # the VAE's default
-    assert latent_shape(fixed, vae, "token_dit") == (64, 4)  # what it was trained on
-    assert latent_shape(fixed, vae, "token_dit", num_tokens=32) == (32, 4)  # explicit wins
-    _check_shape(free, torch.zeros(32, 4), "lat")
+    fixed = TokenDiT.from_preset("tiny", in_channels=4, num_tokens=64)
+    assert latent_shape(fixed, "token_dit") == (64, 4)  # what it was trained on
+    assert latent_shape(fixed, "token_dit", num_tokens=32) == (32, 4)  # explicit wins
+    with pytest.raises(ValueError, match="num_tokens must be >= 1"):
+        latent_shape(fixed, "token_dit", num_tokens=0)
     _check_shape(fixed, torch.zeros(64, 4), "lat")
     with pytest.raises(ValueError, match=r"lat: latents have shape \(32, 4\), the model expects \(64, 4\)"):
         _check_shape(fixed, torch.zeros(32, 4), "lat")
-    with pytest.raises(ValueError, match="num_tokens"):
-        token_dit_config("tiny", num_tokens=-1)
+    for bad in (0, -1):
+        with pytest.raises(ConfigError, match="num_tokens"):
+            preset(TokenDiTConfig, "tiny", num_tokens=bad)

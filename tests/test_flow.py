@@ -129,17 +129,24 @@ def test_loss_is_zero_for_the_exact_velocity_and_logs_bins():
     def exact(x, tt, cond):  # knows the noise: returns data - noise exactly
         return data - noise
 
-    loss, logs = flow_matching_loss(exact, data, noise=noise, t=t, config=FlowConfig(log_bins=4))
-    assert loss.item() == 0.0 and logs["mse"] == 0.0
-    assert set(logs) == {"mse", "mse_bin0", "mse_bin1", "mse_bin2", "mse_bin3"}
+    loss, terms = flow_matching_loss(exact, data, noise=noise, t=t, config=FlowConfig(log_bins=4))
+    assert loss.item() == 0.0 and torch.equal(terms.per_sample, torch.zeros(4)) and torch.equal(terms.t, t)
 
     def zero(x, tt, cond):
         return torch.zeros_like(x)
 
-    loss, logs = flow_matching_loss(zero, data, noise=noise, t=t, config=FlowConfig(log_bins=4))
+    loss, terms = flow_matching_loss(zero, data, noise=noise, t=t, config=FlowConfig(log_bins=4))
     torch.testing.assert_close(loss, (data - noise).pow(2).mean())
     per = (data - noise).pow(2).flatten(1).mean(1)
-    assert logs["mse_bin1"] == pytest.approx(per[1].item(), rel=1e-6)
+    assert not terms.per_sample.requires_grad
+    torch.testing.assert_close(terms.per_sample, per)
+    # bands of t (band 0 the noise end): one sample in each of 4 bands; with 2 bands, two in each
+    sums, counts = terms.by_time(4)
+    torch.testing.assert_close(sums, per)
+    torch.testing.assert_close(counts, torch.ones(4))
+    sums, counts = terms.by_time(2)
+    torch.testing.assert_close(sums, torch.stack([per[0] + per[1], per[2] + per[3]]))
+    torch.testing.assert_close(counts, torch.tensor([2.0, 2.0]))
 
 
 def test_loss_feeds_the_model_the_path_point_and_drops_conditions():

@@ -10,18 +10,19 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from shapeflow.checkpoint import CheckpointError
+from shapeflow.config import ConfigError, from_dict, preset, to_dict
 from shapeflow.geometry import grid
 from shapeflow.models.distributions import DiagonalGaussian
 from shapeflow.models.grid_losses import dice_loss, grid_vae_loss, occupancy_iou
-from shapeflow.models.grid_vae import (
-    PRESETS,
-    GridVAE,
-    GridVAEConfig,
-    from_preset,
-    grid_to_field,
-    grid_to_mesh,
-)
+from shapeflow.models.grid_vae import GridVAE, GridVAEConfig, grid_to_field, grid_to_mesh
 from shapeflow.models.pretrained.trellis_ss_vae import config_from_trellis_args
+
+PRESETS = GridVAEConfig.PRESETS
+
+
+def from_preset(name: str, **overrides) -> GridVAEConfig:
+    return preset(GridVAEConfig, name, **overrides)
 
 # ---------------------------------------------------------------------------------------------------
 # Analytic shapes on the cell grid
@@ -167,7 +168,7 @@ def test_channels_last_and_grad_checkpointing_do_not_change_results():
     torch.manual_seed(0)
     cfg = _tiny(resolution=16)
     a = GridVAE(cfg)
-    b = GridVAE(GridVAEConfig(**{**cfg.to_dict(), "channels_last": False}))
+    b = GridVAE(GridVAEConfig(**{**cfg.__dict__, "channels_last": False}))
     b.load_state_dict(a.state_dict())
     # random weights everywhere (conv2 is zero-initialised, which would hide errors in the residual path)
     with torch.no_grad():
@@ -227,8 +228,8 @@ def test_save_load_identity(tmp_path):
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     m.save_pretrained(tmp_path / "ckpt")
-    m2 = GridVAE.from_pretrained(tmp_path / "ckpt").eval()
-    assert m2.cfg == cfg
+    m2 = GridVAE.from_pretrained(tmp_path / "ckpt")
+    assert m2.config == cfg and not m2.training
     x = _occupancy(16)
     with torch.no_grad():
         assert torch.equal(m.decode(m.encode(x).mode()), m2.decode(m2.encode(x).mode()))
@@ -239,26 +240,23 @@ def test_save_load_identity(tmp_path):
 def test_loads_engine_style_config_and_rejects_other_kinds(tmp_path):
     m = GridVAE(_tiny())
     m.save_pretrained(tmp_path / "a")
-    exp = {"task": "grid_vae", "model": m.cfg.to_dict(), "train": {"lr": 1e-3}, "out_dir": "x"}
+    fields = to_dict(m.config)
+    exp = {"task": "grid_vae", "model": fields, "train": {"lr": 1e-3}, "out_dir": "x"}
     (tmp_path / "a" / "config.json").write_text(json.dumps(exp))
-    assert GridVAE.from_pretrained(tmp_path / "a").cfg == m.cfg
+    assert GridVAE.from_pretrained(tmp_path / "a").config == m.config
     (tmp_path / "a" / "config.json").write_text(json.dumps({**exp, "task": "vecset_vae"}))
-    with pytest.raises(ValueError, match="not a grid VAE"):
+    with pytest.raises(CheckpointError, match="holds a vecset_vae model, not a grid_vae"):
         GridVAE.from_pretrained(tmp_path / "a")
     cfg_file = tmp_path / "a" / "config.json"
-    cfg_file.write_text(json.dumps({"model": {**m.cfg.to_dict(), "kind": "grid_vae"}}))
-    assert GridVAE.from_pretrained(tmp_path / "a").cfg == m.cfg
-    cfg_file.write_text(json.dumps({"model": {**m.cfg.to_dict(), "kind": "vecset_vae"}}))
-    with pytest.raises(ValueError, match="not a grid VAE"):
+    cfg_file.write_text(json.dumps({"kind": "grid_vae", "model": {**fields, "bogus": 1}}))
+    with pytest.raises(ConfigError, match=r"model.bogus: unknown key"):
         GridVAE.from_pretrained(tmp_path / "a")
-    (tmp_path / "a" / "config.json").write_text(json.dumps({**m.cfg.to_dict(), "bogus": 1}))
-    with pytest.raises(ValueError, match="unknown GridVAEConfig keys: \\['bogus'\\]"):
-        GridVAE.from_pretrained(tmp_path / "a")
-    (tmp_path / "a" / "config.json").write_text(json.dumps({**m.cfg.to_dict(), "latent_channels": 4}))
+    cfg_file.write_text(json.dumps({"kind": "grid_vae", "model": {**fields, "latent_channels": 4}}))
     with pytest.raises(ValueError, match="shape mismatch: "):
         GridVAE.from_pretrained(tmp_path / "a")
     with pytest.raises(FileNotFoundError):
         GridVAE.from_pretrained(tmp_path / "nothing_here")
+
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -423,7 +421,7 @@ def test_trellis_layout_matches_our_modules_at_full_size():
                         channels=[32, 128, 512], use_fp16=True)
     released_dec = dict(out_channels=1, latent_channels=8, num_res_blocks=2, num_res_blocks_middle=2,
                         channels=[512, 128, 32], use_fp16=True)
-    assert config_from_trellis_args(released_enc, released_dec) == from_preset("trellis")
+    assert GridVAEConfig(**config_from_trellis_args(released_enc, released_dec)) == from_preset("trellis")
 
 
 def test_trellis_loader_matches_reference_forward(tmp_path):
@@ -432,7 +430,8 @@ def test_trellis_loader_matches_reference_forward(tmp_path):
     assert enc["input_layer.weight"].dtype == torch.float32
     m = GridVAE.from_pretrained(tmp_path / "ss_enc_conv3d_test")  # decoder found as the ss_dec_ sibling
     assert all(p.dtype == torch.float32 for p in m.parameters())
-    assert m.cfg.latent_channels == 3 and m.cfg.channels == (4, 8, 16) and m.cfg.num_res_blocks_middle == 1
+    c = m.config
+    assert c.latent_channels == 3 and c.channels == (4, 8, 16) and c.num_res_blocks_middle == 1
     for k, v in enc.items():
         assert torch.equal(m.encoder.state_dict()[k], v.float()), k
     x = _occupancy(16)
@@ -445,7 +444,7 @@ def test_trellis_loader_matches_reference_forward(tmp_path):
         torch.testing.assert_close(m.decode(z), ref_decoder(z, dec, [16, 8, 4], 2, 1), rtol=1e-4, atol=1e-4)
     # decoder-only (e.g. to decode flow samples): the same logits, and no encoder
     d = GridVAE.from_pretrained(tmp_path / "ss_dec_conv3d_test.safetensors")
-    assert d.encoder is None
+    assert d.encoder is None and d.config.decoder_only
     with torch.no_grad():
         torch.testing.assert_close(d.decode(z), m.decode(z))
     with pytest.raises(ValueError, match="no encoder"):
@@ -463,7 +462,7 @@ def test_trellis_loader_lists_missing_unexpected_and_misshaped_keys(tmp_path):
         GridVAE.from_pretrained(tmp_path / "ss_enc_conv3d_test")
     msg = str(err.value)
     assert "ss_enc_conv3d_test.safetensors" in msg
-    assert "missing keys: blocks.3.norm2.bias;" in msg
+    assert "missing keys: encoder.blocks.3.norm2.bias;" in msg  # ours: the file cannot name a key it lacks
     assert "unexpected keys: blocks.99.conv.weight;" in msg
     assert "shape mismatch: out_layer.2.bias (7,) vs model (6,)" in msg
     # config-level errors
@@ -478,7 +477,7 @@ def test_trellis_loader_lists_missing_unexpected_and_misshaped_keys(tmp_path):
     save_file({"a": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
     with pytest.raises(ValueError, match="not a TRELLIS sparse-structure VAE"):
         GridVAE.from_pretrained(tmp_path / "x")
-    with pytest.raises(FileNotFoundError, match="missing.json: not found"):
+    with pytest.raises(FileNotFoundError, match="missing: checkpoint not found"):
         GridVAE.from_pretrained(tmp_path / "missing")
 
 
@@ -492,7 +491,7 @@ class _Fixed(torch.nn.Module):
 
     def __init__(self, cfg, out, mean, logvar):
         super().__init__()
-        self.cfg, self.out, self.post = cfg, out, DiagonalGaussian(mean, logvar)
+        self.config, self.out, self.post = cfg, out, DiagonalGaussian(mean, logvar)
 
     def forward(self, x, sample_posterior=True, generator=None):
         return self.out, self.post
@@ -533,14 +532,14 @@ def test_config_errors():
         GridVAEConfig(input="sdf", loss="dice")
     with pytest.raises(ValueError, match="upsample must be one of"):
         GridVAEConfig(upsample="bilinear")
-    with pytest.raises(ValueError, match="unknown grid VAE preset"):
+    with pytest.raises(ConfigError, match="unknown preset 'huge' for GridVAEConfig"):
         from_preset("huge")
     with pytest.raises(ValueError, match="decoder_channels"):
         GridVAEConfig(decoder_channels=(8, 4))
     with pytest.raises(ValueError, match="expects a \\(b, 1, r, r, r\\) grid"):
         GridVAE(_tiny()).encode(torch.zeros(1, 2, 16, 16, 16))
     assert set(PRESETS) >= {"tiny", "trellis", "sdf64", "sdf128"}
-    assert GridVAEConfig.from_dict(from_preset("sdf128").to_dict()) == from_preset("sdf128")
+    assert from_dict(GridVAEConfig, to_dict(from_preset("sdf128"))) == from_preset("sdf128")
 
 
 # ---------------------------------------------------------------------------------------------------

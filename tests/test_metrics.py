@@ -281,8 +281,8 @@ def test_one_nna_needs_equal_sizes():
 def test_reference_shapes_are_put_in_the_canonical_frame(tmp_path, monkeypatch):
     """Generation references are scored in the frame the training shapes are in (bbox centred, longest side
     2 * EXTENT), whatever the frame of the synthetic meshes written to disk."""
+    from shapeflow import evaluate
     from shapeflow.evaluate import reference_shapes
-    from shapeflow.geometry import synth
     from shapeflow.geometry.frame import EXTENT
     from shapeflow.geometry.io import save_mesh
 
@@ -296,7 +296,7 @@ def test_reference_shapes_are_put_in_the_canonical_frame(tmp_path, monkeypatch):
                 save_mesh(tmp_path / "ref" / c / f"{c}_{k:04d}.obj", box.vertices * (1 + k) + (0.1, -0.2, 0.05),
                           box.faces)
 
-    monkeypatch.setattr(synth, "generate_dataset", fake_generate_dataset)
+    monkeypatch.setattr(evaluate, "generate_dataset", fake_generate_dataset)
     refs = reference_shapes(tmp_path / "ref", ["lamp"], 2, 5)
     assert calls == [(2, 5, ["lamp"])]
     assert len(refs["lamp"]) == 2

@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import MESHES
+
 from shapeflow import cli
 
 REPO = Path(__file__).resolve().parents[1]
-MESHES = Path(os.environ.get("SHAPEFLOW_TEST_MESHES",
-                             Path(__file__).resolve().parents[2] / "shared" / "meshes"))
 CLASSES = ("chair", "mug")
 N_OBJECTS = 2 * 3
 VAL_FRACTION = 0.3  # 1 of the 6 objects (by id hash) is held out: validation runs, 5 train
@@ -35,24 +35,6 @@ VAL_FRACTION = 0.3  # 1 of the 6 objects (by id hash) is held out: validation ru
 def sf(*args) -> int:
     """``shapeflow ARGS`` in this process; returns the exit code."""
     return cli.main([str(a) for a in args])
-
-
-class one_thread:
-    """Tiny ops are dominated by thread wake-ups on a shared machine (and other jobs run beside us)."""
-
-    def __enter__(self):
-        self.n = torch.get_num_threads()
-        torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.n)
-        return False
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
 
 
 def error_lines(err: str, command: str) -> list[str]:
@@ -89,11 +71,10 @@ def mesh_paths(n: int = 1) -> list[Path]:
 def root(tmp_path_factory) -> Path:
     """``synth`` (2 classes x 3 shapes), ``preprocess`` at 32^3 with a 16-cell TSDF: ``root/{synth,prep}``."""
     root = tmp_path_factory.mktemp("pipeline")
-    with one_thread():
-        assert sf("synth", root / "synth", "--per-class", 3, "--classes", *CLASSES, "--resolution", 32) == 0
-        assert sf("preprocess", root / "synth", root / "prep", "--resolution", 32, "--surface-points", 1024,
-                  "--sharp-points", 256, "--sdf-points", 4096, "--tsdf-res", 16, "--workers", 0,
-                  "--no-progress") == 0
+    assert sf("synth", root / "synth", "--per-class", 3, "--classes", *CLASSES, "--resolution", 32) == 0
+    assert sf("preprocess", root / "synth", root / "prep", "--resolution", 32, "--surface-points", 1024,
+              "--sharp-points", 256, "--sdf-points", 4096, "--tsdf-res", 16, "--workers", 0,
+              "--no-progress") == 0
     recs = [json.loads(x) for x in (root / "prep" / "manifest.jsonl").read_text().splitlines()]
     assert sum(r["status"] == "ok" for r in recs) == N_OBJECTS
     return root
@@ -103,10 +84,9 @@ ENGINE = ("train: {{steps: {steps}, batch_size: {batch}, warmup_steps: 5, lr: {l
           "log_every: {log}, val_every: 0, ckpt_every: 0, num_workers: 0, ema_decay: 0.9}}\n")
 
 VECSET_YAML = """task: vecset_vae
-model: {preset: tiny, num_latents: 16, latent_channels: 4, width: 32, heads: 2, encoder_layers: 1,
-        decoder_layers: 1, num_freqs: 4}
-data: {root: ROOT/prep, n_surface: 256, n_sharp: 64, n_queries: 256, val_fraction: 0.3,
-       val_mesh_resolution: 16, val_mesh_points: 500}
+model: {preset: tiny, num_tokens: 16, latent_channels: 4, width: 32, heads: 2, encoder_layers: 1,
+        decoder_layers: 1, num_freqs: 4, surface_points: 256, sharp_points: 64}
+data: {root: ROOT/prep, n_queries: 256, val_fraction: 0.3, val_mesh_resolution: 16, val_mesh_points: 500}
 objective: {kind: sdf, truncation: 0.05}
 """ + ENGINE.format(steps=150, batch=4, lr=3.0e-3, log=25)
 
@@ -124,8 +104,9 @@ data: {root: ROOT/prep, val_fraction: 0.3}
 """ + ENGINE.format(steps=6, batch=2, lr=1.0e-3, log=3)
 
 TOKEN_DIT_YAML = """task: token_dit
-model: {preset: tiny, in_channels: 4, width: 32, depth: 1, heads: 2, cond: class, num_classes: 2}
-data: {root: ROOT/latents_vecset, classes: [chair, mug], val_fraction: 0.3}
+model: {preset: tiny, in_channels: 4, width: 32, depth: 1, heads: 2, cond: class, classes: [chair, mug],
+        num_tokens: 16}
+data: {root: ROOT/latents_vecset, val_fraction: 0.3}
 """ + ENGINE.format(steps=60, batch=4, lr=3.0e-3, log=20)
 
 GRID_DIT_YAML = """task: grid_dit
@@ -139,15 +120,13 @@ def train(root: Path, name: str, yaml_text: str, *overrides: str) -> Path:
     cfg = root / f"{name}.yaml"
     cfg.write_text(yaml_text.replace("ROOT", str(root)))
     out = root / "runs" / name
-    with one_thread():
-        assert sf("train", cfg, *overrides, "--out", out) == 0
+    assert sf("train", cfg, *overrides, "--out", out) == 0
     return out
 
 
 def encode(root: Path, vae: Path, name: str, *extra) -> Path:
     out = root / name
-    with one_thread():
-        assert sf("encode-latents", root / "prep", out, "--vae", vae, "--no-progress", *extra) == 0
+    assert sf("encode-latents", root / "prep", out, "--vae", vae, "--no-progress", *extra) == 0
     return out
 
 
@@ -213,7 +192,7 @@ def npy_files(folder: Path) -> dict[str, bytes]:
 def test_train_vae_tasks_export_loadable_checkpoints(vecset_run, grid_occ_run, grid_sdf_run):
     from safetensors.torch import load_file
 
-    from shapeflow.models import checkpoint_kind, load_dit, load_vae
+    from shapeflow.models import load_dit, load_vae, model_kind
     from shapeflow.models.grid_vae import GridVAE
     from shapeflow.models.vecset_vae import VecSetVAE
 
@@ -221,7 +200,8 @@ def test_train_vae_tasks_export_loadable_checkpoints(vecset_run, grid_occ_run, g
                            (grid_sdf_run, GridVAE, "grid_vae")):
         final = run / "final"
         assert (final / "config.json").is_file() and (final / "model.safetensors").is_file()
-        assert checkpoint_kind(final) == checkpoint_kind(run) == want
+        assert model_kind(final) == model_kind(run) == want
+        assert json.loads((final / "config.json").read_text())["kind"] == want
         model, kind = load_vae(run)  # a run directory stands for its final/ export
         assert isinstance(model, cls) and kind == want and not model.training
         exported = load_file(str(final / "model.safetensors"))
@@ -232,38 +212,37 @@ def test_train_vae_tasks_export_loadable_checkpoints(vecset_run, grid_occ_run, g
         assert losses and all(np.isfinite(losses))
         val = val_records(run)
         assert val and all(np.isfinite(v) for k, v in val[-1].items() if k.startswith("val/"))
-        with pytest.raises(ValueError, match="not a DiT"):
+        with pytest.raises(ValueError, match=f"is a {want} checkpoint, not a DiT"):
             load_dit(run)
 
     vecset, _ = load_vae(vecset_run)
-    assert (vecset.cfg.width, vecset.cfg.num_latents, vecset.cfg.latent_channels) == (32, 16, 4)
+    c = vecset.config
+    assert (c.width, c.num_tokens, c.latent_channels, c.surface_points, c.sharp_points) == (32, 16, 4, 256, 64)
     losses = train_losses(vecset_run)
     assert len(losses) == 150 // 25 and losses[-1] < 0.9 * losses[0]  # it learned something
     assert val_records(vecset_run)[-1]["val_ema/empty_mesh"] == 0.0  # and decodes a surface
     occ, _ = load_vae(grid_occ_run)
     sdf, _ = load_vae(grid_sdf_run)
-    assert occ.cfg.input == "occupancy" and occ.cfg.latent_shape == (2, 8, 8, 8)
-    assert sdf.cfg.input == "sdf" and sdf.cfg.resolution == 16 and sdf.cfg.latent_shape == (2, 5, 5, 5)
+    assert occ.config.input == "occupancy" and occ.config.latent_shape == (2, 8, 8, 8)
+    assert sdf.config.input == "sdf" and sdf.config.resolution == 16 and sdf.config.latent_shape == (2, 5, 5, 5)
     assert {"val/iou", "val_ema/iou"} <= set(val_records(grid_sdf_run)[-1])
 
 
 def test_train_dit_tasks_export_loadable_checkpoints(token_dit_run, grid_dit_run, vecset_latents):
     from shapeflow.data.latents import LatentDataset
-    from shapeflow.generate import class_names
-    from shapeflow.models import checkpoint_kind, load_dit, load_vae
+    from shapeflow.models import load_dit, load_vae, model_kind
     from shapeflow.models.dit import GridDiT, TokenDiT
 
-    assert checkpoint_kind(token_dit_run) == "token_dit" and checkpoint_kind(grid_dit_run) == "grid_dit"
+    assert model_kind(token_dit_run) == "token_dit" and model_kind(grid_dit_run) == "grid_dit"
     token, kind = load_dit(token_dit_run)
     assert isinstance(token, TokenDiT) and kind == "token_dit" and not token.training
-    assert token.config.cond == "class" and token.config.num_classes == 2
-    assert class_names(token_dit_run) == list(CLASSES)
+    assert token.config.cond == "class" and token.config.classes == CLASSES
     grid, kind = load_dit(grid_dit_run)
     assert isinstance(grid, GridDiT) and kind == "grid_dit" and grid.config.cond == "none"
     assert (grid.config.resolution, grid.config.patch_size, grid.config.in_channels) == (8, 2, 2)
     for run in (token_dit_run, grid_dit_run):
         assert all(np.isfinite(train_losses(run))) and val_records(run)
-        with pytest.raises(ValueError, match="not a VAE"):
+        with pytest.raises(ValueError, match="checkpoint, not a VAE"):
             load_vae(run)
     # the latent normaliser fitted on the training split is saved with the weights ("channel" mode)
     z = LatentDataset(vecset_latents, split="train", val_fraction=VAL_FRACTION, classes=list(CLASSES)).stack()
@@ -290,8 +269,9 @@ def test_encode_latents_layout_and_labels(vecset_latents, grid_occ_latents, grid
             z = np.load(folder / f"{r['id']}.npy")
             assert z.shape == shape and z.dtype == np.float32 and np.isfinite(z).all()
     info = json.loads((vecset_latents / "latents.json").read_text())
-    assert (info["kind"], info["n_surface"], info["n_sharp"], info["num_latents"]) == \
+    assert (info["kind"], info["surface_points"], info["sharp_points"], info["num_tokens"]) == \
         ("vecset_vae", 256, 64, 16)
+    assert info["latent_scale"] == 1.0
     ds = LatentDataset(vecset_latents, split="all", classes=["mug", "chair"])
     by_id = {r["id"]: r["class"] for r in read_latent_manifest(vecset_latents)}
     for i in range(len(ds)):
@@ -316,8 +296,7 @@ def test_encode_latents_resumes_without_rewriting(root, vecset_run, vecset_laten
     shutil.copytree(vecset_latents, resumed)
     victim = sorted(resumed.glob("*.npy"))[2]
     victim.unlink()
-    with one_thread():
-        s = encode_dataset(vecset_run, root / "prep", resumed, progress=False)
+    s = encode_dataset(vecset_run, root / "prep", resumed, progress=False)
     assert (s["encoded"], s["skipped"], s["failed"]) == (1, 5, 0)
     assert npy_files(resumed) == before
 
@@ -354,16 +333,16 @@ def test_encode_latents_refuses_other_vae_or_settings(root, vecset_latents, grid
 def test_encoded_latents_are_posterior_means(root, vecset_run, vecset_latents, grid_sdf_run,
                                              grid_sdf_latents):
     from shapeflow.data.datasets import GridDataset
-    from shapeflow.data.latents import _seed_of, read_latent_manifest, vecset_surface
+    from shapeflow.data.latents import read_latent_manifest, seed_of, vecset_surface
     from shapeflow.models import load_vae
 
     # VecSet: surface subsample seeded by (seed 0, id), FPS generator seeded by (seed 1, id), posterior mean
     vae, _ = load_vae(vecset_run)
     oid = read_latent_manifest(vecset_latents)[3]["id"]
-    x = torch.from_numpy(vecset_surface(root / "prep" / oid, 256, 64, _seed_of(oid, 0)))[None]
+    x = torch.from_numpy(vecset_surface(root / "prep" / oid, 256, 64, seed_of(oid, 0)))[None]
     assert x.shape == (1, 320, 7)
     with torch.no_grad():
-        post = vae.encode(x, num_latents=16, generator=torch.Generator().manual_seed(_seed_of(oid, 1)))
+        post = vae.encode(x, num_tokens=16, generator=torch.Generator().manual_seed(seed_of(oid, 1)))
     stored = torch.from_numpy(np.load(vecset_latents / f"{oid}.npy"))
     assert torch.equal(stored, post.mode()[0])
     assert not torch.allclose(stored, post.sample(torch.Generator().manual_seed(0))[0])
@@ -475,12 +454,13 @@ def test_generate_cli_class_choice(root, token_dit_run, vecset_run, capsys):
 
 def test_generate_cli_uses_the_shipped_checkpoints(tmp_path):
     """Without --dit/--vae, generate loads the tiny checkpoints shipped in the package and writes meshes."""
-    from shapeflow.generate import DEFAULT_DIT, DEFAULT_VAE, class_names
+    from shapeflow.generate import DEFAULT_DIT, DEFAULT_VAE
     from shapeflow.geometry.io import load_mesh
     from shapeflow.geometry.synth import CATEGORIES
+    from shapeflow.models import load_dit
 
     assert (DEFAULT_DIT / "model.safetensors").is_file() and (DEFAULT_VAE / "model.safetensors").is_file()
-    assert class_names(DEFAULT_DIT) == list(CATEGORIES)
+    assert list(load_dit(DEFAULT_DIT)[0].config.classes) == list(CATEGORIES)
     out = tmp_path / "shipped"
     assert sf("generate", "--class", "table", "--num", 1, "--steps", 4, "--resolution", 32, "--out", out) == 0
     meta = json.loads((out / "generate.json").read_text())
@@ -655,19 +635,19 @@ def _spy_encoder(monkeypatch) -> list[tuple[int, int]]:
 def test_eval_vae_token_and_point_counts_reach_the_encoder(root, vecset_run, grid_occ_run, monkeypatch, capsys):
     seen = _spy_encoder(monkeypatch)
     assert sf("eval-vae", root / "prep", "--ckpt", vecset_run, "--split", "all", "--limit", 1, "--resolution", 16,
-              "--points", 500, "--num-latents", 12, "--surface-points", 300, "--sharp-points", 20) == 0
+              "--points", 500, "--num-tokens", 12, "--surface-points", 300, "--sharp-points", 20) == 0
     assert seen == [(320, 12)]
     assert sf("eval-vae", root / "prep", "--ckpt", vecset_run, "--split", "all", "--limit", 1, "--resolution", 16,
               "--points", 500) == 0
-    trained = json.loads((Path(vecset_run) / "config.json").read_text())
-    assert seen[1] == (trained["data"]["n_surface"] + trained["data"]["n_sharp"], trained["model"]["num_latents"])
+    trained = json.loads((Path(vecset_run) / "config.json").read_text())["model"]  # the model's own counts
+    assert seen[1] == (trained["surface_points"] + trained["sharp_points"], trained["num_tokens"])
     capsys.readouterr()
-    assert sf("eval-vae", root / "prep", "--ckpt", grid_occ_run, "--split", "all", "--num-latents", 12) == 2
-    assert_one_line_error(capsys, "eval-vae", "--num-latents", "VecSet")
-    # counts that cannot work are refused before any object is encoded, naming the checkpoint and the flag
-    for flags, needle in ((["--num-latents", 0], "--num-latents must be >= 1"),
-                          (["--surface-points", 0], "--surface-points must be >= 1"),
-                          (["--num-latents", 100, "--surface-points", 90, "--sharp-points", 0], "exceeds the 90")):
+    assert sf("eval-vae", root / "prep", "--ckpt", grid_occ_run, "--split", "all", "--num-tokens", 12) == 2
+    assert_one_line_error(capsys, "eval-vae", "num_tokens", "VecSet")
+    # counts that cannot work are refused before any object is encoded, naming the checkpoint and the field
+    for flags, needle in ((["--num-tokens", 0], "num_tokens must be >= 1"),
+                          (["--surface-points", 0], "surface_points must be >= 1"),
+                          (["--num-tokens", 100, "--surface-points", 90, "--sharp-points", 0], "exceeds the 90")):
         assert sf("eval-vae", root / "prep", "--ckpt", vecset_run, "--split", "all", *flags) == 2
         assert_one_line_error(capsys, "eval-vae", str(vecset_run), needle)
     assert len(seen) == 2
@@ -677,12 +657,12 @@ def test_reconstruct_token_count(vecset_run, grid_occ_run, monkeypatch, tmp_path
     mesh = mesh_paths(1)[0]
     seen = _spy_encoder(monkeypatch)
     assert sf("reconstruct", mesh, "--ckpt", vecset_run, "--out", tmp_path / "rec", "--resolution", 16,
-              "--prep-resolution", 32, "--points", 500, "--num-latents", 20) == 0
+              "--prep-resolution", 32, "--points", 500, "--num-tokens", 20) == 0
     assert [m for _, m in seen] == [20]
     capsys.readouterr()
-    assert sf("reconstruct", mesh, "--ckpt", grid_occ_run, "--out", tmp_path / "g", "--num-latents", 12) == 2
-    assert_one_line_error(capsys, "reconstruct", "--num-latents", "VecSet")
-    assert sf("reconstruct", mesh, "--ckpt", vecset_run, "--out", tmp_path / "big", "--num-latents", 10**6) == 2
+    assert sf("reconstruct", mesh, "--ckpt", grid_occ_run, "--out", tmp_path / "g", "--num-tokens", 12) == 2
+    assert_one_line_error(capsys, "reconstruct", "num_tokens", "VecSet")
+    assert sf("reconstruct", mesh, "--ckpt", vecset_run, "--out", tmp_path / "big", "--num-tokens", 10**6) == 2
     assert_one_line_error(capsys, "reconstruct", str(vecset_run), "exceeds")
     assert not (tmp_path / "g").exists() and not (tmp_path / "big").exists()
 
@@ -765,10 +745,10 @@ def test_demo_quick_end_to_end_and_resume(tmp_path, capsys):
     # schedule must fit the run: warm-up shortened to a tenth of the steps
     vae_cfg = json.loads((out / "runs" / "vae" / "final" / "config.json").read_text())
     assert vae_cfg["train"]["warmup_steps"] == QUICK.vae_steps // 10
-    # the DiT trains on and samples latent_tokens tokens per shape, fewer than the VAE's default
+    # the DiT trains on and samples num_tokens tokens per shape, fewer than the VAE's default
     dit_cfg = json.loads((out / "runs" / "dit" / "final" / "config.json").read_text())
-    assert dit_cfg["model"]["num_tokens"] == QUICK.latent_tokens < vae_cfg["model"]["num_latents"]
-    assert json.loads((out / "latents" / "latents.json").read_text())["latent_shape"][0] == QUICK.latent_tokens
+    assert dit_cfg["model"]["num_tokens"] == QUICK.num_tokens < vae_cfg["model"]["num_tokens"]
+    assert json.loads((out / "latents" / "latents.json").read_text())["latent_shape"][0] == QUICK.num_tokens
     assert {"iou", "chamfer_l1", "f_score@1%", "normal_consistency"} <= set(report["vae_metrics"])
     assert 0 <= report["generate"]["empty"] <= len(report["generate"]["files"])
     md = (out / "report.md").read_text()

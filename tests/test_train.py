@@ -16,26 +16,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shapeflow.config import load_config
-from shapeflow.train import checkpoint as ckpt_lib
+from shapeflow import checkpoint as ckpt_lib
 from shapeflow.train.ema import EMA
+from shapeflow.train.experiment import TrainConfig, load_config
 from shapeflow.train.loop import GlobalBatchSampler, NonFiniteLossError, lr_at, run
-from shapeflow.train.tasks import TASKS, ToyMLP, ToyModelConfig
+from shapeflow.train.task_toy import ToyMLP, ToyModelConfig
+from shapeflow.train.tasks import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_YAML = REPO / "configs" / "toy.yaml"
 # float32 everywhere: the engine tests compare runs bit for bit or to 1e-6 (with precision auto an AMX
 # CPU would train in bf16; that path has its own test)
 QUIET = ["train.log_every=4", "train.num_workers=0", "train.precision=fp32"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops are dominated by thread wake-ups on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def toy_cfg(out: Path, *overrides: str):
@@ -161,10 +153,10 @@ def _interrupting(monkeypatch, at_step: int) -> None:
     """Make the toy task raise when it reaches ``at_step`` (a kill after a checkpoint)."""
     toy = TASKS["toy"]
 
-    def loss(model, batch, cfg, step):
+    def loss(model, batch, cfg, step, frozen):
         if step == at_step:
             raise _Interrupt
-        return toy.loss(model, batch, cfg, step)
+        return toy.loss(model, batch, cfg, step, frozen)
 
     monkeypatch.setitem(TASKS, "toy", dataclasses.replace(toy, loss=loss))
 
@@ -197,11 +189,10 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, workers, optimizer):
 
 
 def test_muon_takes_the_block_matrices_and_adamw_the_rest():
-    from shapeflow.config import TrainConfig
-    from shapeflow.models.vecset_vae import VecSetVAE, from_preset
+    from shapeflow.models.vecset_vae import VecSetVAE
     from shapeflow.train.loop import CombinedOptimizer, _optimizer
 
-    model = VecSetVAE(from_preset("tiny", encoder_layers=1, decoder_layers=1))
+    model = VecSetVAE.from_preset("tiny", encoder_layers=1, decoder_layers=1)
     opt, names = _optimizer(model, TrainConfig(optimizer="muon", lr=1e-3))
     assert isinstance(opt, CombinedOptimizer)
     muon, adamw = opt.optimizers
@@ -232,7 +223,6 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
 
 
 def test_muon_on_a_torch_without_it_is_a_clear_error(monkeypatch):
-    from shapeflow.config import TrainConfig
     from shapeflow.train.loop import _optimizer
 
     model = ToyMLP(ToyModelConfig())
@@ -322,8 +312,8 @@ def test_grad_accum_and_checkpointing_do_not_change_the_update(tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     toy = TASKS["toy"]
 
-    def loss(model, batch, cfg, step):
-        value, logs = toy.loss(model, batch, cfg, step)
+    def loss(model, batch, cfg, step, frozen):
+        value, logs = toy.loss(model, batch, cfg, step, frozen)
         if step >= 7:
             value = value * float("nan")
             logs = {**logs, "mse": value.detach()}
@@ -418,7 +408,7 @@ def test_load_weights_is_strict_with_clear_errors(tmp_path):
 
 _SCRIPT = """
 import dataclasses, sys
-from shapeflow.config import load_config
+from shapeflow.train.experiment import load_config
 from shapeflow.train.loop import run
 cfg = load_config(sys.argv[1], sys.argv[4:])
 run(dataclasses.replace(cfg, out_dir=sys.argv[2]), resume=sys.argv[3] == "resume")

@@ -1,4 +1,4 @@
-"""VecSet VAE: embedding, shapes, gradients, KL, overfitting, checkpoints and the Hunyuan3D mapping."""
+"""VecSet VAE: embedding, FPS, shapes, gradients, KL, overfitting, checkpoints and the Hunyuan3D release."""
 
 from __future__ import annotations
 
@@ -10,44 +10,36 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import yaml
+from conftest import TINY_VECSET
+
+from shapeflow.checkpoint import CheckpointError
+from shapeflow.config import ConfigError, preset
+from shapeflow.geometry.sampling import farthest_points
+from shapeflow.models import load_vae
 from shapeflow.models.distributions import DiagonalGaussian
-from shapeflow.models.pretrained import load_vecset_vae, vecset_config_from_dict
 from shapeflow.models.pretrained.hunyuan_vae import (
-    convert_hunyuan_state_dict,
-    hunyuan_config,
+    convert_state_dict,
     interleaved_to_blocked,
-    load_hunyuan_vae,
+    release_from_state_dict,
 )
 from shapeflow.models.vecset_losses import VecSetLossConfig, field_target, vecset_vae_loss
-from shapeflow.models.vecset_vae import (
-    PRESETS,
-    VecSetVAE,
-    VecSetVAEConfig,
-    fps_indices,
-    from_preset,
-    select_query_indices,
-)
+from shapeflow.models.vecset_vae import VecSetVAE, VecSetVAEConfig, fps_indices, select_query_indices
 from shapeflow.nn.blocks import attention_with_distance_penalty, distance_bias
 from shapeflow.nn.embeddings import FourierEmbedder
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny models gain nothing from a second thread, and on a shared 2-core machine OpenMP
-    barriers with a busy sibling core made a training step 50x slower (measured). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # the public-checkpoint layout (no position bias) unless a test asks for it
-TINY = dict(num_latents=16, latent_channels=4, width=32, heads=2, encoder_layers=1, decoder_layers=1,
-            position_bias=False)
+TINY = dict(TINY_VECSET, position_bias=False)
 
 
 def tiny_model(seed: int = 0, **overrides) -> VecSetVAE:
     torch.manual_seed(seed)
-    return VecSetVAE(from_preset("tiny", **{**TINY, **overrides}))
+    return VecSetVAE.from_preset("tiny", **{**TINY, **overrides})
+
+
+def load_hunyuan(sd: dict, **overrides) -> VecSetVAE:
+    """A VecSetVAE from an in-memory Hunyuan3D state dict (architecture read from the shapes)."""
+    return VecSetVAE.from_release(release_from_state_dict(sd), **overrides)
 
 
 def sphere_batch(b: int = 2, n: int = 256, q: int = 200, radius: float = 0.6, seed: int = 0) -> dict:
@@ -86,19 +78,32 @@ def test_fourier_embedding_formula_and_order():
 
 
 def test_presets_and_config_validation():
-    large = from_preset("large")
-    assert (large.num_latents, large.latent_channels, large.width, large.heads) == (4096, 64, 1024, 16)
+    large = preset(VecSetVAEConfig, "large")
+    assert (large.num_tokens, large.latent_channels, large.width, large.heads) == (4096, 64, 1024, 16)
     assert (large.encoder_layers, large.decoder_layers) == (8, 16)
     assert (large.fourier_dim, large.point_feats) == (51, 4)
+    assert (large.surface_points, large.sharp_points) == (81920, 0)  # Hunyuan3D-2.1 inference input
     assert large.qk_norm == "layer" and not large.qkv_bias and not large.include_pi
-    assert set(PRESETS) == {"tiny", "base", "large"}
-    assert from_preset("tiny").position_bias and not large.position_bias and not from_preset("base").position_bias
+    assert set(VecSetVAEConfig.PRESETS) == {"tiny", "base", "large"}
+    assert preset(VecSetVAEConfig, "tiny").position_bias and not large.position_bias
+    assert not preset(VecSetVAEConfig, "base").position_bias
     with pytest.raises(ValueError, match="not divisible"):
         VecSetVAEConfig(width=30, heads=4)
-    with pytest.raises(ValueError, match="unknown VecSetVAEConfig field"):
-        from_preset("tiny", widht=64)
-    with pytest.raises(ValueError, match="unknown VecSet VAE preset"):
-        from_preset("huge")
+    with pytest.raises(ConfigError, match=r"widht: unknown key \(did you mean width\?\)"):
+        preset(VecSetVAEConfig, "tiny", widht=64)
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        preset(VecSetVAEConfig, "huge")
+
+
+def test_the_token_count_is_checked_in_one_place():
+    """num_tokens must lie in [1, surface_points + sharp_points]: the config refuses anything else."""
+    c = VecSetVAEConfig(num_tokens=64, surface_points=48, sharp_points=16)
+    assert c.input_points == 64 and c.check_num_tokens(None) == 64 and c.check_num_tokens(10) == 10
+    with pytest.raises(ValueError, match=r"num_tokens 65 exceeds the 64 encoder input points"):
+        VecSetVAEConfig(num_tokens=65, surface_points=48, sharp_points=16)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="num_tokens must be an integer >= 1"):
+            c.check_num_tokens(bad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,6 +135,42 @@ def test_query_selection_is_seeded():
     assert a.shape == (2, 16) and torch.equal(a, b)
 
 
+def test_exact_fps_starts_where_told_and_breaks_ties_to_the_lowest_index():
+    rng = np.random.default_rng(0)
+    pts = rng.normal(size=(300, 3))
+    idx = farthest_points(pts, 20, start=7)
+    assert idx[0] == 7 and len(set(idx.tolist())) == 20
+    # brute force: each next point maximises the distance to the chosen set
+    chosen = [7]
+    for _ in range(19):
+        d = np.min(np.linalg.norm(pts[:, None] - pts[chosen][None], axis=-1), axis=1)
+        chosen.append(int(np.argmax(d)))
+    assert idx.tolist() == chosen
+    # the corners of a square, start at 0: the opposite corner (index 3) is farthest; then 1 and 2 tie
+    square = np.array([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0]])
+    assert farthest_points(square, 4).tolist() == [0, 3, 1, 2]
+    with pytest.raises(ValueError, match="start index 9"):
+        farthest_points(square, 2, start=9)
+
+
+def test_deterministic_queries_ignore_the_rng_and_start_at_each_groups_first_point():
+    m, batch = tiny_model(), sphere_batch()
+    a = m.select_queries(batch["surface"], generator=torch.Generator().manual_seed(1), deterministic=True)
+    b = m.select_queries(batch["surface"], generator=torch.Generator().manual_seed(2), deterministic=True)
+    assert torch.equal(a, b)
+    for i in range(2):
+        s = batch["surface"][i].numpy()
+        uniform, sharp = np.flatnonzero(s[:, 6] < 0.5), np.flatnonzero(s[:, 6] > 0.5)
+        n_sharp = int((s[a[i].numpy(), 6] > 0.5).sum())
+        expected = np.concatenate([uniform[farthest_points(s[uniform, :3], 16 - n_sharp)],
+                                   sharp[farthest_points(s[sharp, :3], n_sharp)]])
+        assert a[i].tolist() == expected.tolist() and a[i, 0] == uniform[0]
+    with torch.no_grad():
+        z1 = m.encode(batch["surface"], deterministic=True).mode()
+        z2 = m.encode(batch["surface"], generator=torch.Generator().manual_seed(9), deterministic=True).mode()
+    assert torch.equal(z1, z2)
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward shapes, gradients, KL
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +189,7 @@ def test_shapes_through_every_stage_and_token_count_at_inference():
     out = m(batch["surface"], batch["points"])
     assert out["field"].shape == (2, 200) and out["latents"].shape == (2, 16, 4)
     # a different token count at inference (no weight depends on it)
-    post40 = m.encode(batch["surface"], num_latents=40)
+    post40 = m.encode(batch["surface"], num_tokens=40)
     assert post40.mean.shape == (2, 40, 4)
     assert m.query(batch["points"], m.decode(post40.mode())).shape == (2, 200)
     # chunked querying equals one pass
@@ -181,7 +222,7 @@ def test_finite_gradients_on_every_parameter(extra):
     loss, logs = vecset_vae_loss(m, batch, VecSetLossConfig(**extra), generator=gen)
     loss.backward()
     assert set(logs) >= {"loss", "recon", "kl", "sign_acc", "recon_uniform", "recon_near_fine"}
-    assert all(isinstance(v, float) and math.isfinite(v) for v in logs.values())
+    assert all(v.ndim == 0 and not v.requires_grad and math.isfinite(v.item()) for v in logs.values())
     for name, p in m.named_parameters():
         assert p.grad is not None, name
         assert torch.isfinite(p.grad).all(), name
@@ -238,7 +279,7 @@ class _AnalyticVAE(torch.nn.Module):
         self.fn = fn
         self.dummy = torch.nn.Parameter(torch.zeros(1, 1, 2))
 
-    def forward(self, surface, points, sample_posterior=True, num_latents=None, generator=None):
+    def forward(self, surface, points, sample_posterior=True, num_tokens=None, generator=None):
         b = surface.shape[0]
         posterior = DiagonalGaussian(self.dummy.expand(b, 4, 2), torch.zeros(b, 4, 2))
         field = self.fn(points) + 0.0 * self.dummy.sum()
@@ -273,6 +314,7 @@ def test_group_weights_and_kl_weight_enter_the_total():
     model = _AnalyticVAE(lambda p: torch.zeros_like(p[..., 0]))
     cfg = VecSetLossConfig(group_weights=(1.0, 3.0, 5.0), kl_weight=0.5, sample_posterior=False)
     loss, logs = vecset_vae_loss(model, batch, cfg)
+    logs = {k: v.item() for k, v in logs.items()}
     expected = logs["recon_uniform"] + 3 * logs["recon_near_fine"] + 5 * logs["recon_near_coarse"]
     assert logs["recon"] == pytest.approx(expected, rel=1e-6)
     assert logs["loss"] == pytest.approx(logs["recon"] + 0.5 * logs["kl"], rel=1e-6)
@@ -281,31 +323,31 @@ def test_group_weights_and_kl_weight_enter_the_total():
 
 
 def test_a_list_of_token_counts_draws_one_count_per_step():
-    """``objective.num_latents: [a, b]`` trains each step at one of the counts, drawn with the generator."""
+    """``objective.num_tokens: [a, b]`` trains each step at one of the counts, drawn with the generator."""
     seen = []
 
     class Spy(_AnalyticVAE):
-        def forward(self, surface, points, sample_posterior=True, num_latents=None, generator=None):
-            seen.append(num_latents)
-            return super().forward(surface, points, sample_posterior, num_latents, generator)
+        def forward(self, surface, points, sample_posterior=True, num_tokens=None, generator=None):
+            seen.append(num_tokens)
+            return super().forward(surface, points, sample_posterior, num_tokens, generator)
 
     model, batch = Spy(lambda p: p.norm(dim=-1) - 0.6), sphere_batch()
-    cfg = VecSetLossConfig(num_latents=[8, 16], sample_posterior=False)
-    assert cfg.num_latents == (8, 16)
+    cfg = VecSetLossConfig(num_tokens=[8, 16], sample_posterior=False)
+    assert cfg.num_tokens == (8, 16)
     g = torch.Generator().manual_seed(0)
     for _ in range(40):
         vecset_vae_loss(model, batch, cfg, generator=g)
     assert set(seen) == {8, 16} and 10 <= seen.count(8) <= 30
     seen.clear()
-    vecset_vae_loss(model, batch, VecSetLossConfig(num_latents=12, sample_posterior=False))
+    vecset_vae_loss(model, batch, VecSetLossConfig(num_tokens=12, sample_posterior=False))
     assert seen == [12]
     for bad in ([], [0, 8], [8, None], [None], 2.5, True):
-        with pytest.raises(ValueError, match="num_latents"):
-            VecSetLossConfig(num_latents=bad)
+        with pytest.raises(ValueError, match="num_tokens"):
+            VecSetLossConfig(num_tokens=bad)
 
 
 def test_validation_runs_at_the_models_own_token_count_when_training_draws_from_a_list():
-    """Training with ``num_latents: [4, 12]`` still validates at the model's count (as encode-latents)."""
+    """Training with ``num_tokens: [4, 12]`` still validates at the model's count (as encode-latents)."""
     from types import SimpleNamespace
 
     from shapeflow.train.task_vecset import validate
@@ -313,21 +355,20 @@ def test_validation_runs_at_the_models_own_token_count_when_training_draws_from_
     model, seen = tiny_model(), []
     select = model.select_queries
 
-    def spy(surface, num_latents=None, *, generator=None):
-        seen.append(model.cfg.num_latents if num_latents is None else num_latents)
-        return select(surface, num_latents, generator=generator)
+    def spy(surface, num_tokens=None, *, generator=None, deterministic=False):
+        seen.append(model.config.num_tokens if num_tokens is None else num_tokens)
+        return select(surface, num_tokens, generator=generator, deterministic=deterministic)
 
     model.select_queries = spy
     cfg = SimpleNamespace(data=SimpleNamespace(val_mesh_resolution=0),
-                          objective=VecSetLossConfig(num_latents=[4, 12], sample_posterior=False))
+                          objective=VecSetLossConfig(num_tokens=[4, 12], sample_posterior=False))
     logs = validate(model.eval(), [sphere_batch()], cfg)
-    assert seen and set(seen) == {model.cfg.num_latents} == {16}  # the encode and the loss both
+    assert seen and set(seen) == {model.config.num_tokens} == {16}  # the encode and the loss both
     assert {"iou", "iou_near", "recon"} <= set(logs)
 
+
 def test_overfits_one_batch():
-    torch.manual_seed(0)
-    m = VecSetVAE(from_preset("tiny", num_latents=16, latent_channels=8, width=32, heads=2,
-                              encoder_layers=1, decoder_layers=1))
+    m = tiny_model(latent_channels=8, position_bias=True)
     batch = sphere_batch(b=2, n=256, q=256)
     cfg = VecSetLossConfig(sample_posterior=False, truncation=0.1)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
@@ -476,6 +517,7 @@ def test_position_bias_loss_term_and_gradients():
         loss, logs = vecset_vae_loss(m, batch, cfg, generator=torch.Generator().manual_seed(0))
         totals[w] = (loss, logs)
     (l0, logs0), (l1, logs1) = totals[0.0], totals[2.5]
+    logs0, logs1 = ({k: v.item() for k, v in d.items()} for d in (logs0, logs1))
     assert logs1["position"] == pytest.approx(logs0["position"]) and logs1["position"] > 0
     assert logs1["loss"] == pytest.approx(logs0["loss"] + 2.5 * logs1["position"], rel=1e-6)
     # the term is the mean squared distance between the read positions and the tokens' FPS points
@@ -506,21 +548,41 @@ def test_save_load_identical_outputs(tmp_path, position_bias):
     torch.nn.init.normal_(m.geo_decoder.output_proj.weight)
     m.save_pretrained(tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
-    m2 = VecSetVAE.from_pretrained(tmp_path / "ckpt").eval()
-    assert m2.cfg == m.cfg
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["kind"] == "vecset_vae"
+    m2 = VecSetVAE.from_pretrained(tmp_path / "ckpt")
+    assert m2.config == m.config and not m2.training
     qidx = torch.arange(16).expand(2, 16)
     a = m(batch["surface"], batch["points"], query_idx=qidx, sample_posterior=False)["field"]
     b = m2(batch["surface"], batch["points"], query_idx=qidx, sample_posterior=False)["field"]
     assert torch.equal(a, b)
     # the training engine's layout: the model config under "model" of a resolved experiment config
     cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())["model"]
-    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"model": cfg, "train": {"lr": 1e-4}}))
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"task": "vecset_vae", "model": cfg,
+                                                               "train": {"lr": 1e-4}}))
     weights = (tmp_path / "ckpt" / "model.safetensors").read_bytes()
     (tmp_path / "ckpt" / "ema.safetensors").write_bytes(weights)
-    m3 = load_vecset_vae(tmp_path / "ckpt", ema=True, num_latents=24).eval()
-    assert m3.cfg.num_latents == 24
+    (tmp_path / "ckpt" / "state.pt").write_bytes(b"")  # a training checkpoint: ema.safetensors is read
+    m3, kind = load_vae(tmp_path / "ckpt", ema=True, num_tokens=24)
+    assert kind == "vecset_vae" and m3.config.num_tokens == 24
     c = m3(batch["surface"], batch["points"], query_idx=qidx, sample_posterior=False)["field"]
     assert torch.equal(a, c)
+
+
+def test_older_checkpoints_are_upgraded_with_a_log_line(tmp_path, caplog):
+    """A config.json of the previous version (num_latents; encoder counts in data.n_surface / n_sharp)."""
+    m = tiny_model()
+    m.save_pretrained(tmp_path / "old")
+    raw = json.loads((tmp_path / "old" / "config.json").read_text())
+    fields = raw["model"]
+    fields["num_latents"] = fields.pop("num_tokens")
+    counts = {"n_surface": fields.pop("surface_points"), "n_sharp": fields.pop("sharp_points")}
+    (tmp_path / "old" / "config.json").write_text(json.dumps({"task": "vecset_vae", "model": fields,
+                                                              "data": counts}))
+    with caplog.at_level("INFO"):
+        old = VecSetVAE.from_pretrained(tmp_path / "old")
+    assert old.config == m.config
+    assert any("num_latents -> model.num_tokens" in r.getMessage() for r in caplog.records)
+    assert any("data.n_surface -> model.surface_points" in r.getMessage() for r in caplog.records)
 
 
 def _save_state_dict(path, sd, cfg=None):
@@ -534,7 +596,8 @@ def _save_state_dict(path, sd, cfg=None):
 
 def test_missing_extra_or_renamed_keys_raise_listing_them(tmp_path):
     m = tiny_model()
-    sd, cfg = m.state_dict(), {"model": m.cfg.to_dict()}
+    fields = json.loads(json.dumps(preset(VecSetVAEConfig, "tiny", **TINY).__dict__))
+    sd, cfg = m.state_dict(), {"kind": "vecset_vae", "model": fields}
     missing = {k: v for k, v in sd.items() if k != "decoder.blocks.0.ln_1.weight"}
     _save_state_dict(tmp_path / "a", missing, cfg)
     with pytest.raises(ValueError, match=r"missing keys: decoder\.blocks\.0\.ln_1\.weight$"):
@@ -548,21 +611,22 @@ def test_missing_extra_or_renamed_keys_raise_listing_them(tmp_path):
     with pytest.raises(ValueError, match=r"missing keys: post_kl\.weight; "
                                          r"unexpected keys: post_kl\.w$"):
         VecSetVAE.from_pretrained(tmp_path / "c")
-    _save_state_dict(tmp_path / "d", sd, {"model": {**m.cfg.to_dict(), "width": 64}})
+    _save_state_dict(tmp_path / "d", sd, {"kind": "vecset_vae", "model": {**fields, "width": 64}})
     with pytest.raises(ValueError, match="shape mismatch: "):
         VecSetVAE.from_pretrained(tmp_path / "d")
-    _save_state_dict(tmp_path / "e", sd, {"model": {**m.cfg.to_dict(), "depth": 3}})
-    with pytest.raises(ValueError, match=r"unknown VecSetVAEConfig field\(s\) \['depth'\]"):
+    _save_state_dict(tmp_path / "e", sd, {"kind": "vecset_vae", "model": {**fields, "depth": 3}})
+    with pytest.raises(ConfigError, match=r"model.depth: unknown key"):
         VecSetVAE.from_pretrained(tmp_path / "e")
-    _save_state_dict(tmp_path / "f", sd, {"model": {"kind": "grid_vae"}})
-    with pytest.raises(ValueError, match="not a VecSet VAE"):
+    _save_state_dict(tmp_path / "f", sd, {"kind": "grid_vae", "model": fields})
+    with pytest.raises(CheckpointError, match="holds a grid_vae model, not a vecset_vae"):
         VecSetVAE.from_pretrained(tmp_path / "f")
-    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         VecSetVAE.from_pretrained(tmp_path / "nope")
     (tmp_path / "g").mkdir()
-    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
         VecSetVAE.from_pretrained(tmp_path / "g")
-    assert vecset_config_from_dict({"preset": "tiny", "width": 64}).width == 64
+    _save_state_dict(tmp_path / "h", sd, {"kind": "vecset_vae", "model": {"preset": "tiny", **TINY}})
+    assert VecSetVAE.from_pretrained(tmp_path / "h").config == m.config  # a preset key expands
 
 
 # ---------------------------------------------------------------------------------------------
@@ -721,11 +785,11 @@ def _hunyuan_inputs(dtype):
 def test_hunyuan_weights_reproduce_the_reference_forward(dtype):
     sd = hunyuan_state_dict()
     ref = HunyuanReference({k: v.to(dtype) for k, v in sd.items()})
-    model = load_hunyuan_vae(sd).to(dtype).eval()
-    cfg = model.cfg
+    model = load_hunyuan(sd).to(dtype).eval()
+    cfg = model.config
     assert (cfg.width, cfg.heads, cfg.encoder_layers, cfg.decoder_layers) == (32, 4, 2, 2)
     assert (cfg.latent_channels, cfg.point_feats, cfg.num_freqs, cfg.mlp_ratio) == (8, 4, 8, 4.0)
-    assert cfg.latent_scale == pytest.approx(1.0039506158752403) and cfg.num_latents == 4096
+    assert cfg.latent_scale == pytest.approx(1.0039506158752403) and cfg.num_tokens == 4096
     assert model.encoder.ln_post.eps == 1e-5 and model.geo_decoder.ln_post.eps == 1e-5
     assert model.decoder.blocks[0].ln_1.eps == 1e-6 and model.decoder.blocks[0].attn.q_norm.eps == 1e-6
     surface, points, qidx = _hunyuan_inputs(dtype)
@@ -743,17 +807,80 @@ def test_hunyuan_weights_reproduce_the_reference_forward(dtype):
     torch.testing.assert_close(out, -out_ref, **tol)  # our field is minus theirs (negative inside)
 
 
+def _hunyuan_params(**overrides) -> dict:
+    """ShapeVAE constructor params as a released ``config.yaml`` writes them (for the HY test sizes)."""
+    return {"num_latents": 256, "embed_dim": HY["latent"], "num_freqs": HY["freqs"], "include_pi": False,
+            "heads": HY["heads"], "width": HY["width"], "num_encoder_layers": HY["enc"],
+            "num_decoder_layers": HY["dec"], "qkv_bias": False, "qk_norm": True, "scale_factor": 1.25,
+            "geo_decoder_mlp_expand_ratio": 4, "geo_decoder_downsample_ratio": 1, "geo_decoder_ln_post": True,
+            "point_feats": HY["feats"], "pc_size": 512, "pc_sharpedge_size": 128, **overrides}
+
+
+def _write_release(folder, sd, params, *, target="hy3dshape.models.autoencoders.ShapeVAE", dit_folder=False):
+    folder.mkdir(parents=True, exist_ok=True)
+    node = {"target": target, "params": params}
+    doc = {"model": {"target": "x.HunYuanDiTPlain", "params": {}}, "vae": node} if dit_folder else node
+    (folder / "config.yaml").write_text(yaml.safe_dump(doc))
+    fp16 = {k: v.half() for k, v in sd.items()}
+    torch.save({"model": {}, "vae": fp16, "conditioner": {}} if dit_folder else fp16, folder / "model.fp16.ckpt")
+
+
+def test_hunyuan_release_folder_builds_from_its_config_yaml(tmp_path):
+    """``from_pretrained(<released folder>)``: config.yaml decides the architecture, scale and counts."""
+    sd = hunyuan_state_dict()
+    _write_release(tmp_path / "hunyuan3d-vae-v2-1", sd, _hunyuan_params())
+    m = VecSetVAE.from_pretrained(tmp_path / "hunyuan3d-vae-v2-1")
+    c = m.config
+    assert (c.num_tokens, c.latent_scale, c.surface_points, c.sharp_points) == (256, 1.25, 512, 128)
+    assert (c.width, c.heads, c.fps_ratio) == (32, 4, 20) and not m.training
+    assert next(m.parameters()).dtype == torch.float32  # fp16 file, upcast
+    ref = load_hunyuan(sd)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(m.state_dict()[k], v, rtol=1e-3, atol=2e-3)  # fp16 rounding only
+    vae, kind = load_vae(tmp_path / "hunyuan3d-vae-v2-1")  # the registry recognises the release too
+    assert kind == "vecset_vae" and vae.config == c
+    # the lone file: config.yaml beside it is read as well
+    assert VecSetVAE.from_pretrained(tmp_path / "hunyuan3d-vae-v2-1" / "model.fp16.ckpt").config == c
+    # a DiT folder bundles the (2.0) VAE under "vae" in both files
+    _write_release(tmp_path / "dit", hunyuan_state_dict(decoder_only=True), _hunyuan_params(scale_factor=0.5),
+                   dit_folder=True)
+    dec = VecSetVAE.from_pretrained(tmp_path / "dit")
+    assert dec.config.decoder_only and dec.config.latent_scale == 0.5 and dec.config.encoder_layers == 0
+
+
+def test_hunyuan_release_config_errors_name_the_file_and_the_problem(tmp_path):
+    sd = hunyuan_state_dict()
+    _write_release(tmp_path / "a", sd, _hunyuan_params(width=64, heads=8))  # config disagrees with the weights
+    with pytest.raises(CheckpointError, match=r"model.fp16.ckpt: weights do not match the model; .*shape mismatch"):
+        VecSetVAE.from_pretrained(tmp_path / "a")
+    _write_release(tmp_path / "b", sd, _hunyuan_params(mystery=1))
+    with pytest.raises(ValueError, match=r"b/config.yaml: unknown ShapeVAE params \['mystery'\]"):
+        VecSetVAE.from_pretrained(tmp_path / "b")
+    _write_release(tmp_path / "c", sd, _hunyuan_params(geo_decoder_downsample_ratio=2))
+    with pytest.raises(ValueError, match=r"c/config.yaml: ShapeVAE settings not supported .*downsample_ratio"):
+        VecSetVAE.from_pretrained(tmp_path / "c")
+    params = _hunyuan_params()
+    del params["width"]
+    _write_release(tmp_path / "d", sd, params)
+    with pytest.raises(ValueError, match=r"d/config.yaml: ShapeVAE params lack \['width'\]"):
+        VecSetVAE.from_pretrained(tmp_path / "d")
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "config.yaml").write_text(yaml.safe_dump({"target": "x.ShapeVAE", "params": {}}))
+    with pytest.raises(FileNotFoundError, match="no model.fp16.ckpt"):
+        VecSetVAE.from_pretrained(tmp_path / "e")
+
+
 def test_hunyuan_file_formats_prefix_fp16_and_decoder_only(tmp_path):
     from safetensors.torch import save_file
 
     sd = hunyuan_state_dict()
     surface, points, qidx = _hunyuan_inputs(torch.float32)
-    base = load_hunyuan_vae(sd).eval()
+    base = load_hunyuan(sd)
     # pipeline single-file layout: "vae." prefix next to other components, stored in fp16
     single = {f"vae.{k}": v.half() for k, v in sd.items()}
     single["model.x_embedder.weight"] = torch.zeros(2, 2, dtype=torch.float16)
     save_file(single, str(tmp_path / "model.fp16.safetensors"))
-    m16 = VecSetVAE.from_pretrained(tmp_path / "model.fp16.safetensors").eval()
+    m16 = VecSetVAE.from_pretrained(tmp_path / "model.fp16.safetensors")
     assert next(m16.parameters()).dtype == torch.float32
     with torch.no_grad():
         a = base.query(points, base.decode(base.encode(surface, query_idx=qidx).mode()))
@@ -761,13 +888,13 @@ def test_hunyuan_file_formats_prefix_fp16_and_decoder_only(tmp_path):
     torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)  # fp16 weights: close, not equal
     # torch .ckpt with {"vae": state_dict}
     torch.save({"vae": sd, "model": {}}, tmp_path / "h2.ckpt")
-    mck = VecSetVAE.from_pretrained(tmp_path / "h2.ckpt", num_latents=512)
-    assert mck.cfg.num_latents == 512
+    mck = VecSetVAE.from_pretrained(tmp_path / "h2.ckpt", num_tokens=512)
+    assert mck.config.num_tokens == 512
     for (k1, v1), (k2, v2) in zip(base.state_dict().items(), mck.state_dict().items()):
         assert k1 == k2 and torch.equal(v1, v2)
     # Hunyuan3D-2.0: decoder only -> a decoder-only model whose encode raises
-    dec = load_hunyuan_vae(hunyuan_state_dict(decoder_only=True))
-    assert dec.cfg.decoder_only and dec.cfg.latent_scale == pytest.approx(0.9990943042622529)
+    dec = load_hunyuan(hunyuan_state_dict(decoder_only=True))
+    assert dec.config.decoder_only and dec.config.latent_scale == pytest.approx(0.9990943042622529)
     assert not any(k.startswith(("encoder.", "pre_kl")) for k in dec.state_dict())
     with pytest.raises(RuntimeError, match="decoder-only"):
         dec.encode(surface)
@@ -778,16 +905,16 @@ def test_hunyuan_bad_state_dicts_list_the_keys():
     sd = hunyuan_state_dict()
     sd.pop("transformer.resblocks.1.mlp.c_fc.bias")
     with pytest.raises(ValueError, match=r"missing keys: decoder\.blocks\.1\.mlp\.fc1\.bias$"):
-        load_hunyuan_vae(sd)
+        load_hunyuan(sd)
     sd = hunyuan_state_dict()
     sd["geo_decoder.extra_proj.weight"] = torch.zeros(3, 3)
     with pytest.raises(ValueError, match=r"unexpected keys: geo_decoder\.extra_proj\.weight$"):
-        load_hunyuan_vae(sd)
+        load_hunyuan(sd)
     sd = hunyuan_state_dict()
     sd["encoder.cross_attn.attn.c_q_renamed.weight"] = sd.pop("encoder.cross_attn.attn.c_q.weight")
     with pytest.raises(ValueError, match=r"missing keys: encoder\.cross_attn\.attn\.to_q\.weight; "
                                          r"unexpected keys: encoder\.cross_attn\.attn\.c_q_renamed\.weight$"):
-        load_hunyuan_vae(sd)
+        load_hunyuan(sd)
 
 
 def test_interleaved_qkv_permutation():
@@ -797,7 +924,6 @@ def test_interleaved_qkv_permutation():
     out = interleaved_to_blocked(rows[:, None].float(), heads, 3)[:, 0].long()
     expected = torch.tensor([100 * p + 10 * h + d for p in range(3) for h in range(heads) for d in range(hd)])
     assert torch.equal(out, expected)
-    cfg = hunyuan_config(hunyuan_state_dict())
-    conv = convert_hunyuan_state_dict(hunyuan_state_dict(), cfg)
+    conv = convert_state_dict(hunyuan_state_dict(), HY["heads"])
     original = hunyuan_state_dict()["geo_decoder.output_proj.bias"]
     assert torch.equal(conv["geo_decoder.output_proj.bias"], -original)

@@ -1,33 +1,29 @@
-"""Typed experiment configs: YAML files + dotted overrides -> frozen dataclasses, strictly checked.
+"""Typed configs: plain mappings (YAML files, JSON, dotted overrides) -> frozen dataclasses, strictly checked.
 
-An experiment file names a task and has one section per component::
-
-    task: vecset_vae            # a key of shapeflow.train.tasks.TASKS
-    out_dir: runs/vecset_tiny   # optional; default runs/<yaml stem>
-    model: {preset: tiny, width: 128}   # the task's model config dataclass (+ optional preset)
-    data: {root: data/prep}             # the task's data config dataclass
-    train: {steps: 2000, lr: 3.0e-4}    # TrainConfig
+Every config dataclass in shapeflow (model configs next to their model, the training engine's configs in
+:mod:`shapeflow.train.experiment`, data and loss configs next to their task) is built through
+:func:`build`, so the rules below hold everywhere, for experiment files and checkpoints alike.
 
 Design choices:
 
-* One frozen dataclass per component (:class:`TrainConfig` here; model and data configs live next to
-  their model / task). An :class:`ExperimentConfig` bundles them with the task name and output dir.
-* Strict at load time: an unknown key (with a "did you mean" hint), a wrong type, a missing required
-  key or a bad ``Literal`` choice is a :class:`ConfigError` (a ``ValueError``) whose one-line message
-  names the source (file or command-line override) and the dotted key, e.g.
+* Strict: an unknown key (with a "did you mean" hint), a wrong type, a missing required key or a bad
+  ``Literal`` choice is a :class:`ConfigError` (a ``ValueError``) whose one-line message names the source
+  (file or command-line override) and the dotted key, e.g.
   ``configs/x.yaml: model.widht: unknown key (did you mean width?)``.
 * Supported field types: ``int``, ``float`` (ints accepted), ``bool``, ``str``, ``Optional[...]``,
   ``Literal[...]``, ``tuple[X, ...]``/``tuple[X, Y]``/``list[X]``, ``dict[str, X]``, nested
   dataclasses, and ``Any`` (passed through). ``bool`` is never accepted for ``int``/``float``.
+* **Presets, in one place:** a config class may carry ``PRESETS: ClassVar[dict[str, dict]]``; a ``preset``
+  key in the data expands to that entry first (preset < the other keys < overrides). :func:`preset`
+  does the same from Python.
 * YAML is read with a loader that also parses ``3e-4`` as a float (plain YAML 1.1 reads it as a
   string). Overrides ``a.b=value`` parse ``value`` as YAML; for ``str`` fields the raw text is used, so
   ``model.name=123`` gives the string ``"123"``. ``null``/``~``/``None`` set an ``Optional`` to None.
-* ``model.preset: NAME`` expands a preset first: preset < YAML fields < overrides. Presets come from
-  the task (``Task.presets``), else a ``PRESETS`` mapping on the model config class, else the
-  ``PRESETS`` dict of the model config's module. Entries are dicts of fields or config instances.
-* The resolved config (preset expanded, every field explicit) is saved as JSON with every checkpoint
-  (:func:`to_dict` / :func:`save_resolved`) and rebuilt from it (:func:`config_from_dict`); keys that
-  an older file lacks take their defaults with a log line, never silently.
+* :func:`to_dict` gives the JSON form saved with every checkpoint (every field explicit); building from
+  it again with ``note_missing=True`` gives keys an older file lacks their defaults with a log line,
+  never silently.
+
+This module knows no model, task or file layout; it only turns mappings into dataclasses.
 """
 
 from __future__ import annotations
@@ -35,107 +31,35 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import json
 import logging
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
-from shapeflow import fileio
-
 log = logging.getLogger(__name__)
 
 __all__ = [
     "ConfigError",
-    "TrainConfig",
-    "ExperimentConfig",
-    "load_config",
-    "config_from_dict",
+    "Sources",
+    "build",
+    "preset",
     "from_dict",
     "to_dict",
-    "save_resolved",
-    "load_resolved",
+    "read_yaml",
     "parse_overrides",
+    "apply_overrides",
+    "section",
+    "convert",
 ]
 
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message is one line naming source and key."""
-
-
-# =================================================================================================
-# Components owned by the engine
-# =================================================================================================
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation, precision, logging and checkpointing for :func:`shapeflow.train.loop.run`."""
-
-    steps: int = 1000  # optimizer updates in total (not epochs: step-based runs resume exactly)
-    batch_size: int = 32  # GLOBAL batch per update = per-rank micro-batch x world size x grad_accum
-    grad_accum: int = 1  # micro-batches per update on each rank (memory knob; same math)
-    lr: float = 1e-4  # peak learning rate after warm-up (Hunyuan3D/TRELLIS use 1e-4)
-    min_lr: float = 1e-6  # floor of the cosine decay (3DShape2VecSet min_lr)
-    warmup_steps: int = 100  # linear warm-up from lr/warmup_steps to lr
-    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon (torch.optim.Muon, lr matched to AdamW's
-    #   update RMS) on the 2-D weights inside attention / MLP blocks, AdamW on everything else
-    weight_decay: float = 0.01  # AdamW decoupled decay (Hunyuan3D 1e-2), matrices only
-    decay_norms_and_biases: bool = False  # False: no weight decay on 1-D params and nn.Embedding
-    betas: tuple[float, float] = (0.9, 0.99)  # AdamW betas (Hunyuan3D-2.1, Step1X-3D)
-    eps: float = 1e-8  # AdamW epsilon
-    grad_clip: float | None = 1.0  # max global grad norm; None = no clipping (norm still logged)
-    ema: bool = True  # keep an exponential moving average of the weights (exported by default)
-    ema_decay: float = 0.999  # 0.999 for short runs, 0.9999 for long ones
-    ema_start: int = 0  # EMA copies the weights until this step, then averages
-    ema_warmup: bool = True  # decay = min(ema_decay, (1 + n) / (10 + n)), n = steps since ema_start
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA and native-bf16 CPUs (AMX, AVX512-BF16)
-    grad_checkpointing: bool = False  # trade compute for memory (model must support it)
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda:LOCAL_RANK when available
-    strategy: Literal["ddp", "fsdp"] = "ddp"  # multi-process wrapper; fsdp = FSDP2 fully_shard
-    find_unused_parameters: bool = False  # DDP: set when some parameters get no gradient in a step
-    ckpt_every: int = 1000  # checkpoint every N steps (0: only at the end); always at the end
-    keep_last: int = 3  # checkpoints kept on disk (oldest removed first)
-    log_every: int = 10  # steps between progress / TensorBoard / metrics.jsonl entries
-    val_every: int = 1000  # steps between validations (0: only at the end); always at the end
-    val_weights: Literal["ema", "model", "both"] = "both"  # which weights validation evaluates
-    seed: int = 0  # model init uses seed on every rank; data/augmentation RNG is seeded per rank
-    num_workers: int = 2  # DataLoader worker processes per rank
-    export_weights: Literal["ema", "model"] = "ema"  # weights written to <out_dir>/final ("model" if ema off)
-
-    def __post_init__(self) -> None:
-        positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                    "log_every": self.log_every, "keep_last": self.keep_last}
-        for name, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"train.{name}: must be >= 1, got {value}")
-        for name in ("warmup_steps", "ckpt_every", "val_every", "ema_start", "num_workers", "seed"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name}: must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"train.ema_decay: must be in [0, 1), got {self.ema_decay}")
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ConfigError(f"train.lr/min_lr: need 0 <= min_lr <= lr and lr > 0, "
-                              f"got {self.lr}, {self.min_lr}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ConfigError(f"train.grad_clip: must be > 0 or null, got {self.grad_clip}")
-
-
-@dataclass(frozen=True)
-class ExperimentConfig:
-    """One training run: which task, its model and data configs, the engine settings, where to write."""
-
-    task: str  # key of shapeflow.train.tasks.TASKS
-    model: Any  # the task's model config dataclass instance
-    data: Any  # the task's data config dataclass instance
-    train: TrainConfig = field(default_factory=TrainConfig)
-    out_dir: str = "runs/default"  # checkpoints/, tb/, metrics.jsonl, final/
-    objective: Any = None  # the task's objective config (loss weights, flow schedule), if it has one
 
 
 # =================================================================================================
@@ -190,7 +114,7 @@ def parse_overrides(items: Sequence[str]) -> list[tuple[str, _Override, str]]:
 # =================================================================================================
 
 
-class _Sources:
+class Sources:
     """Where each dotted key came from, for error messages (default: the YAML file)."""
 
     def __init__(self, default: str, by_key: Mapping[str, str] | None = None):
@@ -218,7 +142,7 @@ def _is_none_text(value: Any) -> bool:
     return isinstance(value, _Override) and value.text.strip() in ("None", "null", "~", "")
 
 
-def _convert(value: Any, tp: Any, key: str, src: _Sources) -> Any:
+def convert(value: Any, tp: Any, key: str, src: Sources) -> Any:
     """Return ``value`` checked / converted to the annotation ``tp`` (tuples from lists, etc.)."""
     origin = typing.get_origin(tp)
     if tp is Any:
@@ -229,10 +153,10 @@ def _convert(value: Any, tp: Any, key: str, src: _Sources) -> Any:
             return None
         options = [a for a in args if a is not type(None)]
         if len(options) == 1:  # Optional[X]: X's own, more precise error
-            return _convert(value, options[0], key, src)
+            return convert(value, options[0], key, src)
         for arg in options:
             try:
-                return _convert(value, arg, key, src)
+                return convert(value, arg, key, src)
             except ConfigError:
                 pass
         raw = value.value if isinstance(value, _Override) else value
@@ -277,10 +201,10 @@ def _convert(value: Any, tp: Any, key: str, src: _Sources) -> Any:
         if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
             if len(raw) != len(args):
                 raise src.error(key, f"expected {len(args)} items for {_type_name(tp)}, got {len(raw)}")
-            items = [_convert(v, a, f"{key}[{i}]", src) for i, (v, a) in enumerate(zip(raw, args))]
+            items = [convert(v, a, f"{key}[{i}]", src) for i, (v, a) in enumerate(zip(raw, args))]
         else:
             item_tp = args[0] if args else Any
-            items = [_convert(v, item_tp, f"{key}[{i}]", src) for i, v in enumerate(raw)]
+            items = [convert(v, item_tp, f"{key}[{i}]", src) for i, v in enumerate(raw)]
         return tuple(items) if (origin is tuple or tp is tuple) else items
     if origin is dict or tp is dict:
         if not isinstance(raw, Mapping):
@@ -291,18 +215,36 @@ def _convert(value: Any, tp: Any, key: str, src: _Sources) -> Any:
         for k, v in raw.items():
             if not isinstance(k, str):
                 raise src.error(key, f"mapping keys must be strings, got {k!r}")
-            out[k] = _convert(v, val_tp, f"{key}.{k}", src)
+            out[k] = convert(v, val_tp, f"{key}.{k}", src)
         return out
     raise src.error(key, f"unsupported field type {_type_name(tp)} in config class")
 
 
-def _build(cls: type, data: Mapping[str, Any], prefix: str, src: _Sources, note_missing: bool = False):
+def _expand_preset(cls: type, data: dict[str, Any], prefix: str, src: Sources) -> tuple[dict[str, Any], bool]:
+    """``data`` with its ``preset`` key replaced by the entry of ``cls.PRESETS`` (other keys win)."""
+    key = f"{prefix}.preset" if prefix else "preset"
+    name = convert(data.pop("preset"), str, key, src)
+    table = getattr(cls, "PRESETS", None) or {}
+    if name not in table:
+        known = ", ".join(table) if table else "none defined"
+        raise src.error(key, f"unknown preset {name!r} for {cls.__name__} (known: {known})")
+    for k in table[name]:
+        if k not in data:
+            src.by_key.setdefault(f"{prefix}.{k}" if prefix else k, f"{src.of(key)} (preset {name!r})")
+    return {**table[name], **data}, True
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str, src: Sources, note_missing: bool = False):
     """Instantiate dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
     try:
         hints = typing.get_type_hints(cls)
     except NameError as e:  # a forward reference the config class's module cannot resolve
         raise ConfigError(f"{cls.__qualname__}: cannot resolve field types ({e})") from None
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    data = dict(data)
+    if "preset" in data and "preset" not in fields:
+        data, from_preset = _expand_preset(cls, data, prefix, src)
+        note_missing = note_missing and not from_preset  # a preset names only what differs from the defaults
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else str(name)
@@ -310,7 +252,7 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, src: _Sources, note_
             close = difflib.get_close_matches(str(name), list(fields), n=1)
             hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(fields)})"
             raise src.error(key, f"unknown key{hint}")
-        kwargs[name] = _convert(value, hints[name], key, src)
+        kwargs[name] = convert(value, hints[name], key, src)
     for name, f in fields.items():
         if name in kwargs:
             continue
@@ -328,15 +270,35 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, src: _Sources, note_
         raise src.error(prefix or cls.__name__, str(e)) from None
 
 
-def from_dict(cls: type, data: Mapping[str, Any], source: str = "<dict>", prefix: str = "") -> Any:
-    """Strictly build dataclass ``cls`` from a plain mapping (e.g. a ``config.json`` section).
+def build(cls: type, data: Mapping[str, Any], *, source: str | Sources = "<dict>", prefix: str = "",
+          note_missing: bool = False) -> Any:
+    """Strictly build dataclass ``cls`` from a plain mapping (a YAML section, a ``config.json`` section).
 
-    Lists become tuples where the field is a tuple; unknown keys / wrong types raise
-    :class:`ConfigError` naming ``source`` and the dotted key (prefixed by ``prefix``, e.g. "model").
+    Parameters
+    ----------
+    data : field values; a ``preset`` key expands ``cls.PRESETS[name]`` first (the other keys win).
+    source : where ``data`` came from (a file name), or a :class:`Sources` that also knows per-key sources.
+    prefix : dotted key of ``data`` in its document (e.g. ``"model"``), for error messages.
+    note_missing : log every field ``data`` lacks (older files) with the default it takes.
+
+    Raises
+    ------
+    ConfigError (a ``ValueError``) with one line naming the source and the dotted key.
     """
+    src = source if isinstance(source, Sources) else Sources(source)
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: {prefix or cls.__name__}: expected a mapping, got {data!r}")
-    return _build(cls, data, prefix, _Sources(source))
+        raise ConfigError(f"{src.default}: {prefix or cls.__name__}: expected a mapping, got {data!r}")
+    return _build(cls, data, prefix, src, note_missing)
+
+
+def from_dict(cls: type, data: Mapping[str, Any], source: str = "<dict>", prefix: str = "") -> Any:
+    """:func:`build` with a plain source name (kept for call sites that only have a file name)."""
+    return build(cls, data, source=source, prefix=prefix)
+
+
+def preset(cls: type, name: str, **overrides: Any) -> Any:
+    """The config ``cls.PRESETS[name]`` with field ``overrides``, e.g. ``preset(VecSetVAEConfig, "tiny")``."""
+    return build(cls, {"preset": name, **overrides}, source=f"{cls.__name__} preset {name!r}")
 
 
 def to_dict(cfg: Any) -> Any:
@@ -353,87 +315,33 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+
+
 # =================================================================================================
-# Experiment configs
+# Documents: YAML files, sections, dotted overrides
 # =================================================================================================
 
-_TOP_KEYS = ("task", "model", "data", "objective", "train", "out_dir")
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file's top-level mapping (``{}`` for an empty file).
 
-def _preset_table(task) -> Mapping[str, Any] | None:
-    if task.presets is not None:
-        return task.presets
-    import sys
-
-    own = getattr(task.model_config, "PRESETS", None)  # e.g. a ClassVar on the config class
-    if isinstance(own, Mapping):
-        return own
-    return getattr(sys.modules.get(task.model_config.__module__), "PRESETS", None)
-
-
-def _preset_fields(value: Any) -> dict[str, Any]:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.init}
-    if isinstance(value, Mapping):
-        return dict(value)
-    raise TypeError(f"preset entries must be dicts or config instances, got {type(value).__name__}")
-
-
-def _resolve(raw: Mapping[str, Any], src: _Sources, note_missing: bool = False) -> ExperimentConfig:
-    from shapeflow.train.tasks import TASKS  # late import: tasks import this module
-
-    for key in raw:
-        if key not in _TOP_KEYS:
-            close = difflib.get_close_matches(str(key), _TOP_KEYS, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(_TOP_KEYS)})"
-            raise src.error(str(key), f"unknown key{hint}")
-    if "task" not in raw:
-        raise src.error("task", f"missing required key (one of: {', '.join(sorted(TASKS))})")
-    task_name = _convert(raw["task"], str, "task", src)
-    if task_name not in TASKS:
-        raise src.error("task", f"unknown task {task_name!r} (known: {', '.join(sorted(TASKS))})")
-    task = TASKS[task_name]
-
-    model_raw = _section(raw, "model", src)
-    preset = model_raw.pop("preset", None)
-    if preset is not None:
-        preset = _convert(preset, str, "model.preset", src)
-        table = _preset_table(task) or {}
-        if preset not in table:
-            known = ", ".join(table) if table else "none defined"
-            raise src.error("model.preset",
-                            f"unknown preset {preset!r} for task {task_name} (known: {known})")
-        base = _preset_fields(table[preset])
-        for k in base:
-            if k not in model_raw:
-                src.by_key.setdefault(f"model.{k}", f"{src.of('model.preset')} (preset {preset!r})")
-        model_raw = {**base, **model_raw}
-        if "preset" in {f.name for f in dataclasses.fields(task.model_config)}:
-            model_raw["preset"] = preset  # the model config records its preset name itself
-
-    model = _build(task.model_config, model_raw, "model", src, note_missing)
-    data = _build(task.data_config, _section(raw, "data", src), "data", src, note_missing)
-    train = _build(TrainConfig, _section(raw, "train", src), "train", src, note_missing)
-    objective_raw = _section(raw, "objective", src)
-    if task.objective_config is None:
-        if objective_raw:
-            raise src.error("objective", f"task {task_name} has no objective settings")
-        objective = None
-    else:
-        objective = _build(task.objective_config, objective_raw, "objective", src, note_missing)
-    out_dir = _convert(raw["out_dir"], str, "out_dir", src) if "out_dir" in raw else "runs/default"
-    return ExperimentConfig(task=task_name, model=model, data=data, train=train, out_dir=out_dir,
-                            objective=objective)
-
-
-def _section(raw: Mapping[str, Any], name: str, src: _Sources) -> dict[str, Any]:
-    value = raw.get(name)
-    value = value.value if isinstance(value, _Override) else value
-    if value is None:
+    Raises FileNotFoundError when missing; ConfigError naming the line for invalid YAML or a non-mapping.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    if raw is None:
         return {}
-    if not isinstance(value, Mapping):
-        raise src.error(name, f"expected a mapping, got {value!r}")
-    return dict(value)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return copy.deepcopy(raw)
 
 
 def _set_dotted(tree: dict, key: str, value: Any, source: str) -> None:
@@ -451,65 +359,19 @@ def _set_dotted(tree: dict, key: str, value: Any, source: str) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Load an experiment YAML file, apply ``key=value`` overrides, and check everything.
-
-    Parameters
-    ----------
-    path : YAML file with top-level keys ``task``, ``model``, ``data``, ``train``, ``out_dir``.
-        ``out_dir`` defaults to ``runs/<file stem>``.
-    overrides : dotted ``key=value`` strings applied after the file (and after a model preset).
-
-    Raises
-    ------
-    FileNotFoundError if the file is missing; ConfigError (ValueError) with a one-line message for
-    YAML syntax errors, unknown keys, wrong types, unknown tasks or presets.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: config file not found")
-    try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-    raw = copy.deepcopy(raw)
-    raw.setdefault("out_dir", str(Path("runs") / path.stem))
-    src = _Sources(str(path))
+def apply_overrides(tree: dict, overrides: Sequence[str], sources: Sources) -> None:
+    """Set each ``a.b=value`` of ``overrides`` in the nested mapping ``tree``, recording its source."""
     for key, value, source in parse_overrides(overrides):
-        _set_dotted(raw, key, value, source)
-        src.by_key[key] = source
-    return _resolve(raw, src)
+        _set_dotted(tree, key, value, source)
+        sources.by_key[key] = source
 
 
-def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> ExperimentConfig:
-    """Rebuild an :class:`ExperimentConfig` from :func:`to_dict` output (e.g. a checkpoint's config.json).
-
-    Keys missing from ``data`` (older files) take their defaults with an INFO log line.
-    """
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: expected a mapping at the top level")
-    return _resolve(dict(data), _Sources(source), note_missing=True)
-
-
-def save_resolved(cfg: ExperimentConfig, path: str | Path) -> None:
-    """Write the fully resolved config as JSON (atomically); the model config is under ``"model"``."""
-    fileio.write_json(path, to_dict(cfg))
-
-
-def load_resolved(path: str | Path) -> ExperimentConfig:
-    """Read a ``config.json`` written by :func:`save_resolved` (strict, like YAML loading)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: config.json not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON: {e}") from None
-    return config_from_dict(data, str(path))
+def section(tree: Mapping[str, Any], name: str, sources: Sources) -> dict[str, Any]:
+    """The mapping under ``tree[name]`` (``{}`` when absent or null)."""
+    value = tree.get(name)
+    value = value.value if isinstance(value, _Override) else value
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise sources.error(name, f"expected a mapping, got {value!r}")
+    return dict(value)

@@ -59,8 +59,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from scipy import ndimage
+
 from shapeflow.geometry import grid
 from shapeflow.geometry.frame import BOUND
+from shapeflow.geometry.marching_cubes import marching_cubes
+from shapeflow.models.grid_vae import grid_to_field
 
 log = logging.getLogger(__name__)
 
@@ -373,8 +377,8 @@ def latents_to_field(model, latents: torch.Tensor, resolution: int = 256, *, str
 
     Parameters
     ----------
-    latents : (m, c) or (1, m, c) in VAE space, i.e. ``z`` and **not** ``z * latent_scale`` (divide DiT
-      samples by ``model.cfg.latent_scale`` first).
+    latents : (m, c) or (1, m, c) in VAE space, i.e. ``z`` and **not** ``z * latent_scale`` (generator
+      samples go through ``model.unscale_latents`` first).
     strategy, kwargs : see :func:`dense_field` / :func:`hierarchical_field` (``chunk_size``, ``band``, ...).
     topk, regions : FlashVDM adaptive KV selection (off by default).
     """
@@ -396,8 +400,6 @@ def latents_to_field(model, latents: torch.Tensor, resolution: int = 256, *, str
 def field_to_mesh(field_: np.ndarray, stats: DecodeStats | None = None, *, bound: float = BOUND,
                   **mc_kwargs) -> tuple[np.ndarray, np.ndarray]:
     """Marching cubes at level 0 (negative inside) on a node-grid field; fills ``stats.seconds_mesh``."""
-    from shapeflow.geometry.marching_cubes import marching_cubes
-
     t0 = time.perf_counter()
     v, f = marching_cubes(field_, level=0.0, bound=bound, **mc_kwargs)
     if stats is not None:
@@ -410,7 +412,7 @@ def latents_to_mesh(model, latents: torch.Tensor, resolution: int = 256, *, stra
                     **kwargs) -> tuple[np.ndarray, np.ndarray, DecodeStats]:
     """VAE latents of one shape -> ``(vertices (n, 3) float64 world, faces (f, 3) int64 outward, stats)``.
 
-    Raises ``ValueError`` (from marching cubes) when the decoded field has no surface.
+    Raises :class:`~shapeflow.geometry.marching_cubes.EmptySurfaceError` when the decoded field has no surface.
     """
     field_, stats = latents_to_field(model, latents, resolution, strategy=strategy, bound=bound, **kwargs)
     v, f = field_to_mesh(field_, stats, bound=bound, **(mc_kwargs or {}))
@@ -427,20 +429,17 @@ def decode_to_mesh(vae, kind: str, z: torch.Tensor, *, resolution: int = 128, st
     structure) decodes a thin double-walled shell; ``fill_shell`` meshes the solid it encloses instead
     (:func:`filled_shell_logits`), one outward surface about half a voxel outside the true one.
     ``smooth``: Gaussian filter of the field before marching cubes (world units; 0 = none).
-    Raises ``ValueError`` when the decoded field has no surface.
+    Raises :class:`~shapeflow.geometry.marching_cubes.EmptySurfaceError` when the decoded field has no surface.
     """
     if kind == "vecset_vae":
         v, f, _ = latents_to_mesh(vae, z, resolution, strategy=strategy, mc_kwargs={"smooth": smooth})
         return v, f
-    from shapeflow.geometry.marching_cubes import marching_cubes
-    from shapeflow.models.grid_vae import grid_to_field
-
     if z.shape[0] != 1:
         raise ValueError(f"expected the latents of one shape, (1, c, l, l, l), got {tuple(z.shape)}")
     out = vae.decode(z)
-    if vae.cfg.input == "occupancy" and fill_shell:
+    if vae.config.input == "occupancy" and fill_shell:
         out = filled_shell_logits(out)
-    fields, field_bound = grid_to_field(out, vae.cfg.input)
+    fields, field_bound = grid_to_field(out, vae.config.input)
     return marching_cubes(fields[0], 0.0, field_bound, smooth=smooth)
 
 
@@ -450,8 +449,6 @@ def filled_shell_logits(logits: torch.Tensor) -> torch.Tensor:
     Empty cells not reachable from the grid boundary through empty cells (6-connected flood fill) become
     occupied (logit ``|x| + 1``); everything else is unchanged.
     """
-    from scipy import ndimage
-
     occ = (logits[0, 0] > 0).cpu().numpy()
     empty = np.pad(~occ, 1, constant_values=True)
     lab, _ = ndimage.label(empty)
@@ -463,7 +460,7 @@ def filled_shell_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_surface(model, surface, *, num_latents: int | None = None, seed: int = 0) -> torch.Tensor:
+def encode_surface(model, surface, *, num_tokens: int | None = None, seed: int = 0) -> torch.Tensor:
     """Deterministic latents (posterior mean) of one surface sample ``(n, 3 + f)`` -> ``(1, m, c)``."""
     p = next(model.parameters())
     s = torch.as_tensor(np.asarray(surface), dtype=p.dtype, device=p.device)
@@ -473,16 +470,16 @@ def encode_surface(model, surface, *, num_latents: int | None = None, seed: int 
     model.eval()
     try:
         gen = torch.Generator().manual_seed(seed)
-        return model.encode(s, num_latents=num_latents, generator=gen).mode()
+        return model.encode(s, num_tokens=num_tokens, generator=gen).mode()
     finally:
         model.train(was_training)
 
 
-def reconstruct_mesh(model, surface, resolution: int = 256, *, num_latents: int | None = None, seed: int = 0,
+def reconstruct_mesh(model, surface, resolution: int = 256, *, num_tokens: int | None = None, seed: int = 0,
                      **kwargs) -> tuple[np.ndarray, np.ndarray, DecodeStats]:
     """Encode a surface sample and decode it to a mesh (:func:`encode_surface`, :func:`latents_to_mesh`)."""
     t0 = time.perf_counter()
-    z = encode_surface(model, surface, num_latents=num_latents, seed=seed)
+    z = encode_surface(model, surface, num_tokens=num_tokens, seed=seed)
     t_enc = time.perf_counter() - t0
     v, f, stats = latents_to_mesh(model, z, resolution, **kwargs)
     stats.extra["seconds_encode"] = t_enc

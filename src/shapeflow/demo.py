@@ -45,8 +45,7 @@ class DemoConfig:
     sdf_points: int = 32_768  # SDF samples per object
     real_resolution: int = 256  # watertight grid for the real meshes
     vae_steps: int = 1100
-    latent_tokens: int = 64  # VecSet tokens per shape the DiT generates; the VAE trains with 128 (1-NNA at 64
-    #   per class: 65.0 % with 64 tokens and 4000 DiT steps, 71.8 % with 128 tokens and 2000; BENCHMARKS.md)
+    num_tokens: int = 64  # VecSet tokens per shape the DiT generates; the VAE trains with 128 (BENCHMARKS.md)
     vae_batch: int = 8
     dit_steps: int = 4000  # on 64 tokens a step costs about half of one on 128: 65.0 vs 69.4 % for 2000 steps
     dit_batch: int = 32
@@ -103,16 +102,15 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), *, real_meshes: st
     with stage("latents"):
         from shapeflow.data.latents import encode_dataset
 
-        s = encode_dataset(vae_dir, out / "prep", out / "latents", num_latents=cfg.latent_tokens, progress=progress)
+        s = encode_dataset(vae_dir, out / "prep", out / "latents", num_tokens=cfg.num_tokens, progress=progress)
         report["latents"] = {k: v for k, v in s.items() if k != "seconds"}
     with stage("dit"):
         from shapeflow.models import load_vae
 
         vae, _ = load_vae(vae_dir)
         dit_dir = _train("demo_token_dit.yaml", out / "runs" / "dit",
-                         [f"data.root={out / 'latents'}", f"data.classes={json.dumps(classes)}",
-                          f"model.num_classes={len(classes)}", f"model.in_channels={vae.cfg.latent_channels}",
-                          f"model.num_tokens={cfg.latent_tokens}",
+                         [f"data.root={out / 'latents'}", f"model.classes={json.dumps(classes)}",
+                          f"model.in_channels={vae.config.latent_channels}", f"model.num_tokens={cfg.num_tokens}",
                           f"train.steps={cfg.dit_steps}", f"train.batch_size={cfg.dit_batch}"])
     with stage("generate"):
         report["generate"] = _generate(out, dit_dir, vae_dir, classes, cfg)
@@ -209,7 +207,7 @@ def _data_preview(out: Path) -> str | None:
 
 def _train(config_name: str, out_dir: Path, overrides: list[str]) -> Path:
     """Train from a packaged config unless ``out_dir/final`` exists; resume an interrupted run."""
-    from shapeflow.config import load_config
+    from shapeflow.train.experiment import load_config
     from shapeflow.train.loop import run
 
     if (out_dir / "final" / "config.json").is_file():

@@ -27,23 +27,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tqdm import tqdm
+
 from shapeflow import metrics
 from shapeflow.data import format as fmt
-from shapeflow.data.latents import _seed_of, vecset_surface
+from shapeflow.data.datasets import ObjectFolder
+from shapeflow.data.latents import seed_of, vae_encoder_overrides, vecset_surface
 from shapeflow.decode import decode_to_mesh
-from shapeflow.geometry.frame import BOUND
+from shapeflow.geometry.frame import BOUND, normalize_vertices
+from shapeflow.geometry.io import load_mesh
+from shapeflow.geometry.marching_cubes import EmptySurfaceError
+from shapeflow.geometry.synth import DEFAULT_RESOLUTION, generate_dataset
+from shapeflow.metrics import generation_metrics, sample_surface
+from shapeflow.models import load_vae, model_kind
 
 log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("iou", "chamfer_l1", "f_score@1%", "normal_consistency", "encode_s", "decode_s")
 
 
-def encoder_input(vae, kind: str, obj_dir: Path, *, n_surface: int = 4096, n_sharp: int = 1024) -> torch.Tensor:
-    """The encoder input of one preprocessed object, batched: (1, n, 7) surface or (1, 1, r, r, r) grid."""
+def encoder_input(vae, kind: str, obj_dir: Path) -> torch.Tensor:
+    """The encoder input of one preprocessed object, batched: (1, n, 7) surface or (1, 1, r, r, r) grid.
+
+    VecSet: the VAE config's ``surface_points`` + ``sharp_points``, the same deterministic subsample as
+    ``encode-latents`` (seed 0), so stored latents reproduce.
+    """
+    c = vae.config
     if kind == "vecset_vae":
-        # the same deterministic input as `encode-latents` (seed 0), so stored latents reproduce
-        return torch.from_numpy(vecset_surface(obj_dir, n_surface, n_sharp, _seed_of(obj_dir.name, 0)))[None]
-    name = "tsdf" if vae.cfg.input == "sdf" else "occ64"
+        surface = vecset_surface(obj_dir, c.surface_points, c.sharp_points, seed_of(obj_dir.name, 0))
+        return torch.from_numpy(surface)[None]
+    name = "tsdf" if c.input == "sdf" else "occ64"
     try:
         g = fmt.read_sample_file(obj_dir / fmt.SAMPLES_FILE, [name])[name]
     except KeyError:
@@ -53,28 +66,31 @@ def encoder_input(vae, kind: str, obj_dir: Path, *, n_surface: int = 4096, n_sha
 
 @torch.no_grad()
 def reconstruct_object(vae, kind: str, obj_dir: str | Path, *, resolution: int = 128,
-                       strategy: str = "hierarchical", n_surface: int = 4096, n_sharp: int = 1024,
-                       n_points: int = 100_000, num_latents: int | None = None,
-                       with_metrics: bool = True, smooth: float = 0.0) -> dict:
-    """Encode + decode one preprocessed object; returns ``{"mesh": (v, f) or None, "metrics": {...}}``."""
+                       strategy: str = "hierarchical", n_points: int = 100_000, with_metrics: bool = True,
+                       smooth: float = 0.0) -> dict:
+    """Encode + decode one preprocessed object; returns ``{"mesh": (v, f) or None, "metrics": {...}}``.
+
+    ``mesh`` is None (and the metrics the worst) when the decoded field has no surface; ``"empty"`` then
+    holds the reason.
+    """
     obj_dir = Path(obj_dir)
     p = next(vae.parameters())
-    x = encoder_input(vae, kind, obj_dir, n_surface=n_surface, n_sharp=n_sharp).to(p.device)
+    x = encoder_input(vae, kind, obj_dir).to(p.device)
     t0 = time.perf_counter()
     if kind == "vecset_vae":
-        gen = torch.Generator().manual_seed(_seed_of(obj_dir.name, 1))
-        z = vae.encode(x, num_latents=num_latents, generator=gen).mode()
+        gen = torch.Generator().manual_seed(seed_of(obj_dir.name, 1))
+        z = vae.encode(x, generator=gen).mode()
     else:
         z = vae.encode(x).mode()
     encode_s = time.perf_counter() - t0
     t0 = time.perf_counter()
+    empty = None
     try:
         mesh = decode_to_mesh(vae, kind, z, resolution=resolution, strategy=strategy, smooth=smooth)
-    except ValueError as e:
-        log.warning("%s: nothing decoded (%s)", obj_dir.name, e)
-        mesh = None
+    except EmptySurfaceError as e:
+        mesh, empty = None, str(e)
     decode_s = time.perf_counter() - t0
-    result = {"mesh": mesh, "latent_numel": int(z[0].numel()),
+    result = {"mesh": mesh, "empty": empty, "latent_numel": int(z[0].numel()),
               "metrics": {"encode_s": encode_s, "decode_s": decode_s}}
     if with_metrics:
         result["metrics"].update(mesh_metrics(mesh, obj_dir, n_points=n_points))
@@ -83,8 +99,6 @@ def reconstruct_object(vae, kind: str, obj_dir: str | Path, *, resolution: int =
 
 def mesh_metrics(mesh, obj_dir: Path, *, n_points: int = 100_000, max_iou_points: int = 100_000) -> dict:
     """Metrics of a reconstructed mesh against a preprocessed object's watertight surface and SDF labels."""
-    from shapeflow.geometry.io import load_mesh
-
     if mesh is None:
         return {"iou": 0.0, "chamfer_l1": float("nan"), "f_score@1%": 0.0, "normal_consistency": float("nan")}
     gt = load_mesh(obj_dir / fmt.MESH_FILE)
@@ -118,61 +132,35 @@ def format_table(rows: list[dict], summary: dict) -> str:
     return head + body + line(f"**mean ({summary['objects']})**", summary)
 
 
-def check_encoder_counts(source, kind: str, num_latents: int | None, n_surface: int | None,
-                         n_sharp: int | None, *, trained: tuple[int, int]) -> None:
-    """Reject token / input-point counts that cannot work, before any object is processed.
-
-    ``None`` means the VAE's own value; ``trained`` = its ``(n_surface, n_sharp)``. The counts are
-    VecSet-only: a grid VAE with any of them set is an error.
-    """
-    if kind != "vecset_vae":
-        if (num_latents, n_surface, n_sharp) != (None, None, None):
-            raise ValueError(f"{source}: --num-latents / --surface-points / --sharp-points apply to VecSet VAEs, "
-                             f"not {kind}")
-        return
-    for name, value, low in (("--num-latents", num_latents, 1), ("--surface-points", n_surface, 1),
-                             ("--sharp-points", n_sharp, 0)):
-        if value is not None and value < low:
-            raise ValueError(f"{source}: {name} must be >= {low}, got {value}")
-    inputs = (trained[0] if n_surface is None else n_surface) + (trained[1] if n_sharp is None else n_sharp)
-    if num_latents is not None and num_latents > inputs:
-        raise ValueError(f"{source}: --num-latents {num_latents} exceeds the {inputs} encoder input points")
-
-
 def eval_vae(vae_path: str | Path, data_dir: str | Path, *, split: str = "val", val_fraction: float = 0.1,
              split_seed: int = 0, limit: int | None = None, resolution: int = 128,
              strategy: str = "hierarchical", n_points: int = 100_000, device: str = "cpu",
-             num_latents: int | None = None, n_surface: int | None = None, n_sharp: int | None = None,
+             num_tokens: int | None = None, surface_points: int | None = None, sharp_points: int | None = None,
              progress: bool = True) -> tuple[list[dict], dict]:
     """Evaluate a VAE checkpoint over a preprocessed folder; returns ``(rows, summary)``.
 
-    VecSet only: ``num_latents`` tokens per shape (default: the VAE's; may differ from training) from
-    ``n_surface`` + ``n_sharp`` input points (default: the VAE's training values).
+    VecSet only: ``num_tokens`` tokens per shape from ``surface_points`` + ``sharp_points`` input points
+    replace the VAE config's counts (they may differ from training). Objects whose decoded field has no
+    surface score the worst values and are counted in ``summary["empty"]``.
     """
-    from tqdm import tqdm
-
-    from shapeflow.data.datasets import ObjectFolder
-    from shapeflow.data.latents import _vae_data_defaults
-    from shapeflow.models import load_vae
-
-    vae, kind = load_vae(vae_path)
-    defaults = _vae_data_defaults(Path(vae_path))
-    trained = int(defaults.get("n_surface", 4096)), int(defaults.get("n_sharp", 1024))
-    check_encoder_counts(vae_path, kind, num_latents, n_surface, n_sharp, trained=trained)
+    overrides = vae_encoder_overrides(model_kind(vae_path), vae_path, num_tokens=num_tokens,
+                                      surface_points=surface_points, sharp_points=sharp_points)
+    vae, kind = load_vae(vae_path, **overrides)
     vae.to(device)
     folder = ObjectFolder(data_dir, split=split, val_fraction=val_fraction, split_seed=split_seed)
     if len(folder) == 0:
         raise ValueError(f"{data_dir}: no objects in split {split!r}")
-    n_surface = trained[0] if n_surface is None else int(n_surface)
-    n_sharp = trained[1] if n_sharp is None else int(n_sharp)
     idx = range(len(folder)) if limit is None else range(min(limit, len(folder)))
-    rows = []
+    rows, empty = [], 0
     for i in tqdm(idx, desc="eval-vae", unit="obj", disable=not progress):
         rec = folder.records[i]
         r = reconstruct_object(vae, kind, folder.object_dir(i), resolution=resolution, strategy=strategy,
-                               n_surface=n_surface, n_sharp=n_sharp, n_points=n_points, num_latents=num_latents)
+                               n_points=n_points)
+        if r["empty"] is not None:
+            empty += 1
+            log.warning("%s: nothing decoded (%s)", rec["id"], r["empty"])
         rows.append({"id": rec["id"], "name": Path(rec["source"]).stem, **r["metrics"]})
-    return rows, summarize(rows)
+    return rows, {**summarize(rows), "empty": empty}
 
 
 def reference_shapes(folder: str | Path, classes, per_class: int, seed: int, *, resolution: int | None = None,
@@ -186,10 +174,6 @@ def reference_shapes(folder: str | Path, classes, per_class: int, seed: int, *, 
     a generator learns the normalized shapes and would otherwise be scored against a shifted target.
     Returns ``{class: [(vertices, faces), ...]}``.
     """
-    from shapeflow.geometry.frame import normalize_vertices
-    from shapeflow.geometry.io import load_mesh
-    from shapeflow.geometry.synth import DEFAULT_RESOLUTION, generate_dataset
-
     folder = Path(folder)
     generate_dataset(folder, per_class, seed=seed, resolution=resolution or DEFAULT_RESOLUTION, classes=list(classes),
                      workers=workers, progress=progress)
@@ -211,11 +195,9 @@ def generation_eval(generated: dict, references: dict, *, n_points: int = 2048, 
       far outside the working cube, so failures are penalised rather than dropped.
     n_points : points sampled per surface (PointFlow / LION protocol: 2048).
     pooled : also the ``"all"`` row (every class in one pool). Its distance matrix grows with the square of
-      the total, so at 64 shapes per class and 8 classes it costs about 8x the per-class rows together.
+      the total, so at 64 shapes per class and 8 classes it costs several times the per-class rows together.
     workers : KD-tree query threads (:func:`shapeflow.metrics.pairwise_chamfer`; -1 = every core).
     """
-    from shapeflow.metrics import generation_metrics, sample_surface
-
     def cloud(mesh, k):
         if mesh is None:
             return np.full((n_points, 3), 10.0)

@@ -7,7 +7,7 @@ Convention (every generator, sampler, loader and test in shapeflow uses exactly 
     v   = d x_t / d t = data - noise          (the regression target, constant along each path)
 
 The network receives ``t`` in [0, 1]; its timestep embedder multiplies by 1000 internally
-(:class:`shapeflow.models.dit.TimestepEmbedder`), because the sinusoidal embedding was designed for
+(:class:`shapeflow.nn.embeddings.TimestepEmbedder`), because the sinusoidal embedding was designed for
 inputs of order 1000.
 
 Why this direction: it is the one of the flow-matching literature (Lipman et al. 2023,
@@ -28,8 +28,9 @@ Design choices:
 * Logit-normal sampling likewise draws ``sigma = sigmoid(N(mean, std))``, so TRELLIS's released
   ``logitNormal(mean=1, std=1)`` (biased toward noise) is ``sample_t(kind="logit_normal", mean=1)``
   here; SD3's default is ``mean=0, std=1``.
-* The loss is the conditional flow-matching MSE (mean over all elements), logged additionally per
-  band of ``t`` (TRELLIS logs 10 bins) because the per-t error is the useful training diagnostic.
+* The loss is the conditional flow-matching MSE (mean over all elements); the per-sample errors come back
+  with their times (:class:`FlowTerms`) so that validation can report them per band of ``t`` (TRELLIS
+  logs 10 bins), the useful training diagnostic, without reading anything back per step.
 * Classifier-free-guidance dropout replaces a sample's condition by the null condition with
   probability ``p`` (about 0.1 in TRELLIS / CraftsMan / Step1X-3D); the null condition is all zeros
   for image tokens and a reserved label index for class labels.
@@ -233,6 +234,22 @@ class FlowConfig:
             raise ValueError(f"FlowConfig.set_coupling must be 'none' or 'ot', got {self.set_coupling!r}")
 
 
+@dataclass(frozen=True)
+class FlowTerms:
+    """What :func:`flow_matching_loss` measured, per sample: squared error (mean over elements) and time."""
+
+    per_sample: torch.Tensor  # (b,) detached
+    t: torch.Tensor  # (b,) detached, float32
+
+    def by_time(self, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sums and counts of the errors in ``bins`` bands of ``t`` (band ``k``: ``[k / bins, (k + 1) / bins)``,
+        band 0 the noise end): two ``(bins,)`` tensors on the errors' device, no host read."""
+        band = (self.t * bins).long().clamp_(0, bins - 1)  # (b,)
+        sums = torch.zeros(bins, device=self.per_sample.device).index_add_(0, band, self.per_sample.float())
+        counts = torch.bincount(band, minlength=bins).to(sums.dtype)
+        return sums, counts
+
+
 def match_tokens(noise: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     """Reorder each sample's data tokens so that token ``i`` is the one paired with noise token ``i``.
 
@@ -261,7 +278,7 @@ def flow_matching_loss(
     noise: torch.Tensor | None = None,
     t: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, FlowTerms]:
     """Conditional flow-matching loss ``E || model(x_t, t, c) - (data - noise) ||^2``.
 
     Parameters
@@ -276,8 +293,8 @@ def flow_matching_loss(
     Returns
     -------
     loss : scalar, MSE averaged over all elements.
-    logs : ``{"mse": ..., "mse_bin{k}": ...}`` (floats); bin ``k`` of ``config.log_bins`` holds the samples
-        with ``t`` in ``[k / B, (k + 1) / B)`` (bin 0 is the noise end); empty bins are omitted.
+    terms : :class:`FlowTerms`, the detached per-sample errors and times (device tensors: nothing is read
+        back to the host here; :meth:`FlowTerms.by_time` bins them).
     """
     b = data.shape[0]
     if noise is None:
@@ -295,15 +312,7 @@ def flow_matching_loss(
     if pred.shape != data.shape:
         raise ValueError(f"model output {tuple(pred.shape)} does not match the data {tuple(data.shape)}")
     per_sample = (pred.float() - target_velocity(noise, data).float()).pow(2).flatten(1).mean(1)  # (b,)
-    loss = per_sample.mean()
-    logs = {"mse": loss.item()}
-    with torch.no_grad():
-        bins = (t.float() * config.log_bins).long().clamp_(0, config.log_bins - 1)  # (b,)
-        for k in range(config.log_bins):
-            sel = bins == k
-            if sel.any():
-                logs[f"mse_bin{k}"] = per_sample[sel].mean().item()
-    return loss, logs
+    return per_sample.mean(), FlowTerms(per_sample.detach(), t.detach().float())
 
 
 # -------------------------------------------------------------------------------------------------

@@ -6,9 +6,11 @@ One function, :func:`generate`, used by ``shapeflow generate``, the demo and the
    batch size or position);
 2. integrate the DiT's velocity from t = 0 (noise) to t = 1 (data) with :func:`shapeflow.sampling.sample`
    (Euler / Heun / midpoint, time shift, classifier-free guidance);
-3. map the samples back to VAE latents (:meth:`denormalize_latents`, the normaliser stored with the DiT);
+3. map the samples back to VAE latents: the DiT's stored normaliser (:meth:`denormalize_latents`), then the
+   VAE's latent scale (:meth:`unscale_latents`, Hunyuan3D's scale factor; 1 for shapeflow's own VAEs);
 4. decode to a field on the node grid and run marching cubes: hierarchical decoding for VecSet VAEs
-   (:mod:`shapeflow.decode`), the decoder's grid for voxel-grid VAEs.
+   (:mod:`shapeflow.decode`), the decoder's grid for voxel-grid VAEs. A sample whose field has no surface
+   gets no mesh; :attr:`Generated.empty` says which and why, and the command reports it.
 
 The shipped ``tiny`` checkpoints (``shapeflow/assets/tiny/``) are the defaults of ``shapeflow generate``.
 """
@@ -23,6 +25,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from shapeflow.decode import decode_to_mesh
+from shapeflow.geometry.marching_cubes import EmptySurfaceError
+from shapeflow.render import image_grid, render_mesh
+from shapeflow.sampling import initial_noise, sample
 
 log = logging.getLogger(__name__)
 
@@ -40,28 +47,18 @@ class Generated:
     labels: list[str]
     seconds: dict = field(default_factory=dict)
     nfe: int = 0
+    empty: dict[int, str] = field(default_factory=dict)  # sample index -> why it has no mesh
 
 
-def class_names(dit_path: str | Path) -> list[str]:
-    """The class names (label order) a class-conditional DiT checkpoint was trained with."""
-    import json
-
-    from shapeflow.models import _prefer_final
-    from shapeflow.train.checkpoint import resolve_checkpoint
-
-    cfg = json.loads((resolve_checkpoint(_prefer_final(Path(dit_path))) / "config.json").read_text())
-    return list((cfg.get("data") or {}).get("classes") or [])
-
-
-def latent_shape(dit, vae, kind: str, num_tokens: int | None = None) -> tuple[int, ...]:
-    """Shape of one latent sample: ``(m, c)`` for token DiTs, ``(c, r, r, r)`` for grid DiTs.
-
-    Token count ``m``: ``num_tokens``, else the DiT's trained count (``config.num_tokens``), else the VAE's
-    ``num_latents``.
-    """
+def latent_shape(dit, kind: str, num_tokens: int | None = None) -> tuple[int, ...]:
+    """Shape of one latent sample: ``(m, c)`` for token DiTs (``num_tokens``, else the DiT's trained
+    ``config.num_tokens``), ``(c, r, r, r)`` for grid DiTs."""
     c = dit.config.in_channels
     if kind == "token_dit":
-        return (int(num_tokens or dit.config.num_tokens or vae.cfg.num_latents), c)
+        m = dit.config.num_tokens if num_tokens is None else int(num_tokens)
+        if m < 1:
+            raise ValueError(f"num_tokens must be >= 1, got {m}")
+        return (m, c)
     r = dit.config.resolution
     return (c, r, r, r)
 
@@ -99,14 +96,12 @@ def generate(
     smooth : Gaussian filter of the decoded fields, standard deviation in world units (0: none; see
         :func:`decode_latents`).
     """
-    from shapeflow.sampling import initial_noise, sample
-
     if (vae_kind == "vecset_vae") != (dit_kind == "token_dit"):
         raise ValueError(f"a {dit_kind} cannot be decoded by a {vae_kind}: token DiTs go with VecSet VAEs, "
                          "grid DiTs with grid VAEs")
     dit.to(device).eval()
     vae.to(device).eval()
-    shape = latent_shape(dit, vae, dit_kind, num_tokens)
+    shape = latent_shape(dit, dit_kind, num_tokens)
     seeds = [seed + i for i in range(num)]
     noise = initial_noise((num, *shape), seed=seeds, device=device)
     null = None
@@ -117,48 +112,47 @@ def generate(
     t0 = time.perf_counter()
     x, stats = sample(dit, noise, steps=steps, method=method, shift=shift, cond=cond, null_cond=null,
                       cfg_scale=cfg_scale, cfg_interval=cfg_interval, progress=progress, return_stats=True)
-    z = dit.denormalize_latents(x)
+    z = vae.unscale_latents(dit.denormalize_latents(x))
     seconds = {"sample": time.perf_counter() - t0}
     out = Generated(meshes=[], latents=z.cpu(), labels=list(labels or [""] * num), seconds=seconds, nfe=stats.nfe)
     if not decode:
         return out
     t0 = time.perf_counter()
-    out.meshes = decode_latents(vae, vae_kind, z, resolution=resolution, smooth=smooth)
+    out.meshes, out.empty = decode_latents(vae, vae_kind, z, resolution=resolution, smooth=smooth)
     seconds["decode"] = time.perf_counter() - t0
     return out
 
 
 @torch.no_grad()
-def decode_latents(vae, vae_kind: str, z: torch.Tensor, *, resolution: int = 128,
-                   strategy: str = "hierarchical", smooth: float = 0.0) -> list[tuple[np.ndarray, np.ndarray] | None]:
-    """VAE latents ``(n, ...)`` -> one mesh per sample (``None`` where the decoded field has no surface).
+def decode_latents(vae, vae_kind: str, z: torch.Tensor, *, resolution: int = 128, strategy: str = "hierarchical",
+                   smooth: float = 0.0) -> tuple[list[tuple[np.ndarray, np.ndarray] | None], dict[int, str]]:
+    """VAE latents ``(n, ...)`` -> one mesh per sample, and ``{index: reason}`` for those without a surface.
 
     Each sample is decoded by :func:`shapeflow.decode.decode_to_mesh` (the same call ``reconstruct`` and
-    ``eval-vae`` use; shell-occupancy grid VAEs give the filled solid's surface).
+    ``eval-vae`` use; shell-occupancy grid VAEs give the filled solid's surface). Only "no surface" is
+    counted per sample (:class:`~shapeflow.geometry.marching_cubes.EmptySurfaceError`); any other error
+    stops the call.
 
     ``smooth``: Gaussian filter of the decoded field before marching cubes, standard deviation in world units
     (:func:`shapeflow.geometry.marching_cubes.marching_cubes`).
     """
-    if smooth < 0:  # checked here: the per-sample errors below are caught as "no surface"
+    if smooth < 0:
         raise ValueError(f"smooth must be >= 0 (a length in world units), got {smooth}")
-    from shapeflow.decode import decode_to_mesh
-
     meshes: list[tuple[np.ndarray, np.ndarray] | None] = []
+    empty: dict[int, str] = {}
     for i in range(z.shape[0]):
         try:
             meshes.append(decode_to_mesh(vae, vae_kind, z[i:i + 1], resolution=resolution, strategy=strategy,
                                          smooth=smooth))
-        except ValueError as e:
-            log.warning("sample %d: no surface decoded (%s)", i, e)
+        except EmptySurfaceError as e:
             meshes.append(None)
-    return meshes
+            empty[i] = str(e)
+    return meshes, empty
 
 
 def preview_grid(meshes: Sequence[tuple[np.ndarray, np.ndarray] | None], labels: Sequence[str] | None = None,
                  *, size: int = 160, ncols: int | None = None) -> np.ndarray:
     """One rendered view per mesh (a blank tile for ``None``), tiled with labels: (H, W, 3) uint8."""
-    from shapeflow.render import image_grid, render_mesh
-
     tiles = []
     for m in meshes:
         if m is None:

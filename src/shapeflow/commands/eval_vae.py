@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -24,11 +25,12 @@ def register(subparsers) -> None:
     p.add_argument("--resolution", type=int, default=128, metavar="R", help="decoding grid (VecSet)")
     p.add_argument("--decoder", choices=["dense", "hierarchical"], default="hierarchical")
     p.add_argument("--points", type=int, default=100_000, metavar="N", help="surface samples per mesh")
-    p.add_argument("--num-latents", type=int, default=None, metavar="M",
-                   help="VecSet tokens per shape (default: the VAE's; may differ from training)")
+    p.add_argument("--num-tokens", type=int, default=None, metavar="M",
+                   help="VecSet tokens per shape (default: the VAE's num_tokens; may differ from training)")
     p.add_argument("--surface-points", type=int, default=None, metavar="N",
-                   help="VecSet encoder input points (default: the VAE's training value)")
-    p.add_argument("--sharp-points", type=int, default=None, metavar="N")
+                   help="VecSet encoder input: uniform surface points (default: the VAE's surface_points)")
+    p.add_argument("--sharp-points", type=int, default=None, metavar="N",
+                   help="VecSet encoder input: sharp-edge points (default: the VAE's sharp_points)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, metavar="DIR", help="write DIR/eval.md and DIR/eval.json")
     p.set_defaults(func=run)
@@ -40,10 +42,13 @@ def run(args: argparse.Namespace) -> int:
 
     rows, summary = eval_vae(args.ckpt, args.data_dir, split=args.split, val_fraction=args.val_fraction,
                              limit=args.limit, resolution=args.resolution, strategy=args.decoder,
-                             n_points=args.points, device=args.device, num_latents=args.num_latents,
-                             n_surface=args.surface_points, n_sharp=args.sharp_points)
+                             n_points=args.points, device=args.device, num_tokens=args.num_tokens,
+                             surface_points=args.surface_points, sharp_points=args.sharp_points)
     table = format_table(rows, summary)
     print(table, end="")
+    if summary["empty"]:
+        print(f"{summary['empty']} of {summary['objects']} objects decoded no surface (scored as the worst)",
+              file=sys.stderr)
     if args.out:
         out = Path(args.out)
         fileio.write_text(out / "eval.md", table)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -46,7 +46,7 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="sample k uses seed + k")
     p.add_argument("--resolution", type=int, default=128, metavar="R", help="marching-cubes grid (VecSet)")
     p.add_argument("--num-tokens", type=int, default=None, metavar="M",
-                   help="latent tokens per shape (token DiTs; default: the DiT's trained count, else the VAE's)")
+                   help="latent tokens per shape (token DiTs; default: the DiT's trained count, model.num_tokens)")
     p.add_argument("--smooth", type=float, default=0.0, metavar="SIGMA",
                    help="Gaussian filter of the decoded field before meshing, standard deviation in world units "
                         "(default 0: the raw field)")
@@ -58,7 +58,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from shapeflow import fileio
-    from shapeflow.generate import DEFAULT_DIT, DEFAULT_VAE, class_names, generate, preview_grid
+    from shapeflow.generate import DEFAULT_DIT, DEFAULT_VAE, generate, preview_grid
     from shapeflow.geometry.io import save_mesh
     from shapeflow.models import load_dit, load_vae
     from shapeflow.render import save_png
@@ -67,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--num must be >= 1")
     if args.num_tokens is not None and args.num_tokens < 1:
         raise ValueError(f"--num-tokens must be >= 1, got {args.num_tokens}")
+    if args.smooth < 0:
+        raise ValueError(f"--smooth must be >= 0 (a length in world units), got {args.smooth}")
     dit_path = Path(args.dit) if args.dit else DEFAULT_DIT
     vae_path = Path(args.vae) if args.vae else DEFAULT_VAE
     dit, dit_kind = load_dit(dit_path, ema=False)
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
     cond, labels = None, [""] * args.num
     if dit.config.cond == "class":
-        names = class_names(dit_path)
+        names = list(dit.config.classes)
         if args.class_name is None:
             raise ValueError(f"{dit_path}: class-conditional DiT; pass --class NAME or --class all "
                              f"(classes: {', '.join(names)})")
@@ -115,7 +117,10 @@ def run(args: argparse.Namespace) -> int:
         "cfg_interval": args.cfg_interval, "seed": args.seed, "resolution": args.resolution,
         "smooth": args.smooth, "num_tokens": args.num_tokens,
         "nfe": result.nfe, "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
+        "empty": {str(k): reason for k, reason in result.empty.items()},
     })
+    for k, reason in result.empty.items():
+        print(f"sample {k}: no surface decoded ({reason})", file=sys.stderr)
     n_ok = sum(f is not None for f in files)
     print(f"generated {n_ok}/{len(files)} shapes ({result.nfe} evaluations each) -> {out} "
           f"(sampling {result.seconds['sample']:.1f} s, decoding {result.seconds.get('decode', 0):.1f} s)")

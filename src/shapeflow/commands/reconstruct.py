@@ -26,8 +26,9 @@ def register(subparsers) -> None:
     p.add_argument("--decoder", choices=["dense", "hierarchical"], default="hierarchical")
     p.add_argument("--prep-resolution", type=int, default=256, metavar="R", help="watertight grid of the input")
     p.add_argument("--points", type=int, default=100_000, metavar="N", help="surface samples per mesh for metrics")
-    p.add_argument("--num-latents", type=int, default=None, metavar="M",
-                   help="VecSet tokens per shape (default: the VAE's; more than trained with can add detail)")
+    p.add_argument("--num-tokens", type=int, default=None, metavar="M",
+                   help="VecSet tokens per shape (default: the VAE's num_tokens; more than trained with can "
+                        "add detail)")
     p.add_argument("--format", default="glb", choices=["glb", "obj", "ply"])
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
@@ -35,22 +36,20 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from shapeflow import fileio
-    from shapeflow.data.latents import _vae_data_defaults
-    from shapeflow.data.preprocess import PreprocessConfig, object_id, process_object
-    from shapeflow.evaluate import check_encoder_counts, reconstruct_object
+    from shapeflow.data.latents import vae_encoder_overrides
+    from shapeflow.data.preprocess import PreprocessConfig, process_object
+    from shapeflow.evaluate import reconstruct_object
     from shapeflow.geometry.frame import Transform
     from shapeflow.geometry.io import save_mesh
-    from shapeflow.models import load_vae
+    from shapeflow.models import load_vae, model_kind
 
-    vae, kind = load_vae(args.ckpt)
+    kind = model_kind(args.ckpt)
     if args.model != "auto" and kind != f"{args.model}_vae":
         raise ValueError(f"{args.ckpt}: is a {kind} checkpoint, not {args.model}")
-    defaults = _vae_data_defaults(Path(args.ckpt))
-    n_surface, n_sharp = int(defaults.get("n_surface", 4096)), int(defaults.get("n_sharp", 1024))
-    check_encoder_counts(args.ckpt, kind, args.num_latents, None, None, trained=(n_surface, n_sharp))
+    vae, kind = load_vae(args.ckpt, **vae_encoder_overrides(kind, args.ckpt, num_tokens=args.num_tokens))
     vae.to(args.device)
-    tsdf = dict(tsdf_res=vae.cfg.resolution, tsdf_trunc=vae.cfg.sdf_truncation) \
-        if kind == "grid_vae" and vae.cfg.input == "sdf" else {}
+    tsdf = dict(tsdf_res=vae.config.resolution, tsdf_trunc=vae.config.sdf_truncation) \
+        if kind == "grid_vae" and vae.config.input == "sdf" else {}
     prep_cfg = PreprocessConfig(resolution=args.prep_resolution, surface_points=20_000, sharp_points=8_192,
                                 sdf_points=100_000, **tsdf)
     out = Path(args.out)
@@ -63,12 +62,11 @@ def run(args: argparse.Namespace) -> int:
             failed += 1
             continue
         r = reconstruct_object(vae, kind, out / "prep" / rec["id"], resolution=args.resolution,
-                               strategy=args.decoder, n_surface=n_surface, n_sharp=n_sharp, n_points=args.points,
-                               num_latents=args.num_latents)
+                               strategy=args.decoder, n_points=args.points)
         m = r["metrics"]
         results[name] = {"source": str(mesh_path), "id": rec["id"], **m}
         if r["mesh"] is None:
-            print(f"{mesh_path}: no surface decoded")
+            print(f"{mesh_path}: no surface decoded ({r['empty']})")
             failed += 1
             continue
         t = Transform(center=tuple(rec["transform"]["center"]), scale=rec["transform"]["scale"])

@@ -37,7 +37,7 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from shapeflow.config import load_config
+    from shapeflow.train.experiment import load_config
     from shapeflow.train.loop import NonFiniteLossError, run
 
     cfg = load_config(args.config, args.overrides)

@@ -157,10 +157,10 @@ class VecSetDataset(ObjectFolder):
     ----------
     root, split, val_fraction, split_seed, classes
       See :class:`ObjectFolder`.
-    n_surface : int
-      Uniform surface points per item.
-    n_sharp : int
-      Sharp-edge surface points per item (appended after the uniform ones).
+    surface_points : int
+      Uniform surface points per item (the VAE's encoder input, ``VecSetVAEConfig.surface_points``).
+    sharp_points : int
+      Sharp-edge surface points per item, appended after the uniform ones (``VecSetVAEConfig.sharp_points``).
     n_queries : int
       SDF query points per item.
     query_fractions : (float, float, float)
@@ -169,7 +169,7 @@ class VecSetDataset(ObjectFolder):
 
     Item
     ----
-    ``surface``: (n_surface + n_sharp, 7) float32 ``[x, y, z, nx, ny, nz, sharp]`` (uniform first);
+    ``surface``: (surface_points + sharp_points, 7) float32 ``[x, y, z, nx, ny, nz, sharp]`` (uniform first);
     ``points``: (n_queries, 3) float32; ``sdf``: (n_queries,) float32 signed distance, negative inside;
     ``id``: str; ``label``: int when ``classes`` is given.
     """
@@ -178,9 +178,9 @@ class VecSetDataset(ObjectFolder):
         self,
         root: str | os.PathLike,
         *,
-        n_surface: int = 8192,
-        n_sharp: int = 2048,
-        n_queries: int = 8192,
+        surface_points: int,
+        sharp_points: int,
+        n_queries: int,
         query_fractions: tuple[float, float, float] = (0.4, 0.3, 0.3),
         split: str = "train",
         val_fraction: float = 0.05,
@@ -188,11 +188,12 @@ class VecSetDataset(ObjectFolder):
         classes: Sequence[str] | Mapping[str, int] | None = None,
     ) -> None:
         super().__init__(root, split=split, val_fraction=val_fraction, split_seed=split_seed, classes=classes)
-        if min(n_surface, n_sharp, n_queries) < 0 or n_surface + n_sharp < 1:
+        if min(surface_points, sharp_points, n_queries) < 0 or surface_points + sharp_points < 1:
             raise ValueError("point counts must be >= 0 with at least one surface point")
         if len(query_fractions) != 3 or min(query_fractions) < 0 or not sum(query_fractions) > 0:
             raise ValueError(f"query_fractions must be 3 non-negative numbers, got {query_fractions}")
-        self.n_surface, self.n_sharp, self.n_queries = int(n_surface), int(n_sharp), int(n_queries)
+        self.surface_points, self.sharp_points = int(surface_points), int(sharp_points)
+        self.n_queries = int(n_queries)
         self.query_fractions = tuple(float(x) for x in query_fractions)
 
     def __getitem__(self, index: int) -> dict:
@@ -209,8 +210,8 @@ class VecSetDataset(ObjectFolder):
         ns = len(sharp)
         n_uni = int(np.searchsorted(sharp.view(np.uint8), 1))  # first sharp point
         # no uniform points: draw them from the sharp ones; no sharp points: fill with uniform ones
-        iu = _choose_range(rng, 0, n_uni or ns, self.n_surface)
-        isharp = _choose_range(rng, n_uni if n_uni < ns else 0, ns, self.n_sharp)
+        iu = _choose_range(rng, 0, n_uni or ns, self.surface_points)
+        isharp = _choose_range(rng, n_uni if n_uni < ns else 0, ns, self.sharp_points)
         idx = np.concatenate([iu, isharp])
         flag = np.concatenate([np.zeros(len(iu)), isharp >= n_uni]).astype(np.float32)
         surface = np.concatenate(

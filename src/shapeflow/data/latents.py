@@ -2,17 +2,23 @@
 
 Layout of a latent folder (``shapeflow encode-latents``)::
 
-    OUT_DIR/latents.json      what produced it: VAE checkpoint, kind, latent shape, encoder inputs
+    OUT_DIR/latents.json      what produced it: VAE checkpoint and weights digest, kind, latent shape,
+                              latent scale, encoder inputs
     OUT_DIR/manifest.jsonl    one record per object: id, class (source parent folder), source, status
-    OUT_DIR/<id>.npy          float32 posterior **mean** of the object: (m, c) tokens or (c, r, r, r) grid
+    OUT_DIR/<id>.npy          float32 posterior **mean** of the object times the VAE's latent scale
+                              (``vae.scale_latents``): (m, c) tokens or (c, r, r, r) grid
 
 Design choices
 
 * The posterior mean, not a sample (TRELLIS ``encode_ss_latent.py``; the flow then models the mean
   latents, which decode to the sharpest shapes).
-* VecSet encoder inputs are a fixed subsample of the object's surface samples (``n_surface`` uniform +
-  ``n_sharp`` sharp points, seeded by the object id) and FPS queries seeded the same way, so a latent
-  depends only on (object, VAE, counts), never on the batch or shard it was encoded in.
+* VecSet encoder inputs are a fixed subsample of the object's surface samples (the VAE's
+  ``surface_points`` uniform + ``sharp_points`` sharp points, seeded by the object id) and FPS queries
+  seeded the same way, so a latent depends only on (object, VAE, counts), never on the batch or shard it
+  was encoded in. The counts are the VAE config's; ``num_tokens`` / ``surface_points`` / ``sharp_points``
+  override them for one encode (config overrides, checked by the config).
+* The stored latents are what generators model: ``vae.scale_latents(z)`` (Hunyuan3D's scale factor; 1 for
+  shapeflow's own VAEs). ``generate`` undoes it with ``vae.unscale_latents`` before decoding.
 * Sharded (``shard = (i, n)`` takes every n-th object of the id-sorted list) and resumable: an object
   whose ``.npy`` exists is skipped; files are written atomically, and a manifest record is appended
   only after its file is in place.
@@ -35,8 +41,9 @@ from tqdm import tqdm
 
 from shapeflow import fileio
 from shapeflow.data import format as fmt
-from shapeflow.data.datasets import class_of, is_val
+from shapeflow.data.datasets import GridDataset, class_of, is_val
 from shapeflow.data.preprocess import read_manifest
+from shapeflow.models import load_vae, model_kind
 
 log = logging.getLogger(__name__)
 
@@ -44,53 +51,46 @@ INFO_FILE = "latents.json"
 MANIFEST_FILE = "manifest.jsonl"
 
 
-def _seed_of(oid: str, seed: int) -> int:
+def seed_of(oid: str, seed: int) -> int:
+    """A 63-bit seed of (object id, seed): what makes an object's encoder input and queries reproducible."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{oid}".encode()).digest()[:8], "big") >> 1
 
 
-def vecset_surface(obj_dir: Path, n_surface: int, n_sharp: int, seed: int) -> np.ndarray:
-    """The deterministic encoder input of one object: ``(n_surface + n_sharp, 7)`` float32 (see module doc)."""
+def vecset_surface(obj_dir: Path, surface_points: int, sharp_points: int, seed: int) -> np.ndarray:
+    """The deterministic encoder input of one object: ``(surface_points + sharp_points, 7)`` float32."""
     a = fmt.read_sample_file(obj_dir / fmt.SAMPLES_FILE, ["surface_points", "surface_normals", "surface_sharp"])
     rng = np.random.default_rng(seed)
     sharp = a["surface_sharp"]
     uni, shp = np.flatnonzero(~sharp), np.flatnonzero(sharp)
     if len(uni) == 0:
         uni = shp
-    iu = rng.choice(uni, n_surface, replace=len(uni) < n_surface)
+    iu = rng.choice(uni, surface_points, replace=len(uni) < surface_points)
     pool = shp if len(shp) else uni
-    ish = rng.choice(pool, n_sharp, replace=len(pool) < n_sharp) if n_sharp else pool[:0]
+    ish = rng.choice(pool, sharp_points, replace=len(pool) < sharp_points) if sharp_points else pool[:0]
     idx = np.concatenate([iu, ish])
     flag = np.concatenate([np.zeros(len(iu)), sharp[ish].astype(np.float64)])
     return np.concatenate([a["surface_points"][idx], a["surface_normals"][idx], flag[:, None]], 1).astype(np.float32)
 
 
-def _weights_digest(vae_path: Path) -> str:
-    """SHA-256 of the VAE weights file that :func:`shapeflow.models.load_vae` reads (first 16 hex digits)."""
-    from shapeflow.models import _prefer_final
-    from shapeflow.train.checkpoint import resolve_checkpoint
-
-    p = Path(vae_path)
-    if p.is_dir():
-        p = resolve_checkpoint(_prefer_final(p)) / "model.safetensors"
-    elif not p.exists():  # a TRELLIS prefix
-        p = p.with_suffix(".safetensors")
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's state dict (names, dtypes, shapes, bytes; first 16 hex digits), whatever file it came from."""
     h = hashlib.sha256()
-    with open(p, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]
 
 
-def _vae_data_defaults(vae_path: Path) -> dict:
-    """The ``data`` section of the VAE's training config (encoder input counts), when it has one."""
-    from shapeflow.models import _prefer_final
-    from shapeflow.train.checkpoint import resolve_checkpoint
-
-    try:
-        cfg = json.loads((resolve_checkpoint(_prefer_final(vae_path)) / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return cfg.get("data") or {}
+def vae_encoder_overrides(kind: str, source, *, num_tokens: int | None = None, surface_points: int | None = None,
+                          sharp_points: int | None = None) -> dict:
+    """The VecSet encoder-count overrides that were given, as config fields; an error for other families."""
+    given = {k: v for k, v in (("num_tokens", num_tokens), ("surface_points", surface_points),
+                               ("sharp_points", sharp_points)) if v is not None}
+    if given and kind != "vecset_vae":
+        raise ValueError(f"{source}: token and point counts ({', '.join(given)}) apply to VecSet VAEs, "
+                         f"not {kind}")
+    return given
 
 
 @torch.no_grad()
@@ -101,42 +101,40 @@ def encode_dataset(
     *,
     shard: tuple[int, int] = (0, 1),
     batch_size: int = 8,
-    num_latents: int | None = None,
-    n_surface: int | None = None,
-    n_sharp: int | None = None,
+    num_tokens: int | None = None,
+    surface_points: int | None = None,
+    sharp_points: int | None = None,
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
 ) -> dict:
     """Encode every ``ok`` object of ``data_dir`` with the VAE at ``vae_path`` into ``out_dir``.
 
-    Returns a summary ``{"encoded", "skipped", "failed", "seconds", "latent_shape"}``.
+    ``num_tokens`` / ``surface_points`` / ``sharp_points`` (VecSet only) replace the VAE config's counts.
+    Returns a summary ``{"encoded", "skipped", "failed", "seconds", "latent_shape"}``; an object that cannot
+    be read is recorded as failed (with the reason) and the rest go on.
     """
-    from shapeflow.data.datasets import GridDataset
-    from shapeflow.models import load_vae
-
     vae_path, data_dir, out = Path(vae_path), Path(data_dir), Path(out_dir)
     index, count = shard
     if not 0 <= index < count:
         raise ValueError(f"shard {index}/{count}: index must be in [0, {count})")
-    model, kind = load_vae(vae_path)
+    overrides = vae_encoder_overrides(model_kind(vae_path), vae_path, num_tokens=num_tokens,
+                                      surface_points=surface_points, sharp_points=sharp_points)
+    model, kind = load_vae(vae_path, **overrides)
     model.to(device)
     records = sorted(read_manifest(data_dir, status="ok"), key=lambda r: r["id"])
     records = [r for r in records if (data_dir / r["id"] / fmt.META_FILE).is_file()]
     if not records:
         raise ValueError(f"{data_dir}: no preprocessed objects (status ok) to encode")
     mine = records[index::count]
-    defaults = _vae_data_defaults(vae_path)
-    info = {"vae": str(vae_path), "vae_sha256": _weights_digest(vae_path), "kind": kind, "data_dir": str(data_dir),
-            "seed": seed, "version": 1}
+    c = model.config
+    info = {"vae": str(vae_path), "vae_sha256": weights_digest(model), "kind": kind, "data_dir": str(data_dir),
+            "seed": seed, "latent_scale": c.latent_scale, "version": 2}
     if kind == "vecset_vae":
-        info["n_surface"] = int(n_surface or defaults.get("n_surface", 4096))
-        info["n_sharp"] = int(n_sharp if n_sharp is not None else defaults.get("n_sharp", 1024))
-        info["num_latents"] = int(num_latents or model.cfg.num_latents)
-        info["latent_shape"] = [info["num_latents"], model.cfg.latent_channels]
+        info.update(surface_points=c.surface_points, sharp_points=c.sharp_points, num_tokens=c.num_tokens,
+                    latent_shape=[c.num_tokens, c.latent_channels])
     else:
-        info["source"] = "tsdf" if model.cfg.input == "sdf" else "occ64"
-        info["latent_shape"] = list(model.cfg.latent_shape)
+        info.update(source="tsdf" if c.input == "sdf" else "occ64", latent_shape=list(c.latent_shape))
     out.mkdir(parents=True, exist_ok=True)
     info_path = out / INFO_FILE
     if info_path.is_file():
@@ -162,8 +160,8 @@ def encode_dataset(
         for r in chunk:
             try:
                 if kind == "vecset_vae":
-                    inputs.append(vecset_surface(data_dir / r["id"], info["n_surface"], info["n_sharp"],
-                                                 _seed_of(r["id"], seed)))
+                    inputs.append(vecset_surface(data_dir / r["id"], c.surface_points, c.sharp_points,
+                                                 seed_of(r["id"], seed)))
                 else:
                     inputs.append(grid_ds[grid_index[r["id"]]]["grid"].numpy())
                 ok.append(r)
@@ -173,12 +171,11 @@ def encode_dataset(
         if ok:
             x = torch.from_numpy(np.stack(inputs)).to(device)
             if kind == "vecset_vae":
-                gens = [torch.Generator().manual_seed(_seed_of(r["id"], seed + 1)) for r in ok]
-                z = torch.cat([model.encode(x[i:i + 1], num_latents=info["num_latents"], generator=g).mode()
-                               for i, g in enumerate(gens)])
+                gens = [torch.Generator().manual_seed(seed_of(r["id"], seed + 1)) for r in ok]
+                z = torch.cat([model.encode(x[i:i + 1], generator=g).mode() for i, g in enumerate(gens)])
             else:
                 z = model.encode(x).mode()
-            for r, zi in zip(ok, z.float().cpu().numpy()):
+            for r, zi in zip(ok, model.scale_latents(z).float().cpu().numpy()):
                 with fileio.atomic_path(out / f"{r['id']}.npy") as tmp:
                     np.save(tmp, zi.astype(np.float32))
                 _record(out, r, "ok", None)

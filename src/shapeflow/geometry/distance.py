@@ -33,9 +33,11 @@ Pure numpy + fcpw + pysdf; no torch.
 
 from __future__ import annotations
 
-import numpy as np
-
 import fcpw
+import numpy as np
+from scipy import ndimage
+
+from shapeflow.geometry import grid
 
 _CHUNK = 1 << 17
 """Queries per fcpw call (bounds the memory of fcpw's per-query result objects)."""
@@ -167,19 +169,16 @@ def voxel_distance_bound(occupancy: np.ndarray, points: np.ndarray, bound: float
     -------
     bound : (q,) float64
     """
-    from scipy import ndimage
-
     occ = np.asarray(occupancy, dtype=bool)
     if not occ.any():
         raise ValueError("occupancy grid is empty")
     res = occ.shape[0]
-    h = 2.0 * bound / res
     idx = ndimage.distance_transform_edt(~occ, return_distances=False, return_indices=True)  # (3, r, r, r)
     q = np.asarray(points, dtype=np.float64)
-    cell = np.clip(np.floor((q + bound) / h).astype(np.int64), 0, res - 1)
+    cell = grid.world_to_cell(q, res, bound)  # (q, 3)
     nearest = idx[:, cell[:, 0], cell[:, 1], cell[:, 2]].T  # (q, 3) voxel index
-    centre = -bound + (nearest + 0.5) * h
-    return np.linalg.norm(q - centre, axis=1) + 0.5 * np.sqrt(3.0) * h
+    centre = grid.index_to_world(nearest + 0.5, res, bound)  # voxel centres
+    return np.linalg.norm(q - centre, axis=1) + 0.5 * np.sqrt(3.0) * grid.spacing(res, bound)
 
 
 class MeshDistance:

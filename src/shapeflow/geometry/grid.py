@@ -13,6 +13,11 @@ Two kinds of regular grid over the cube ``[-bound, bound]^3`` (``bound`` default
   ``res`` cells per axis; voxel ``(i, j, k)`` covers ``[-bound + i * spacing, -bound + (i+1) * spacing)``
   on each axis and its centre is ``-bound + (i + 0.5) * spacing``. Arrays have shape ``(res,) * 3``.
 
+* **The half-cell shift** (cell values -> a node-grid field): pad the cell grid with one ring of cells;
+  the ``(res + 2)^3`` cell centres of the padded grid are the nodes of a node grid of ``res + 1`` cells
+  over ``[-b', b']`` with ``b' = bound + spacing / 2`` (:func:`padded_cell_bound`). Marching cubes of
+  such a field puts the surface between the centres of cells, i.e. on the cell faces.
+
 Marching cubes (:mod:`shapeflow.geometry.marching_cubes`) and every decoder use only these helpers,
 so a mesh extracted from a field always lands in world coordinates with no off-by-one scale.
 
@@ -104,6 +109,12 @@ def world_to_cell(points: np.ndarray, res: int, bound: float = BOUND) -> np.ndar
     """
     idx = np.floor(world_to_index(points, res, bound)).astype(np.int64)
     return np.clip(idx, 0, res - 1)
+
+
+def padded_cell_bound(res: int, bound: float = BOUND) -> float:
+    """The half-cell shift: the bound of the node grid through the cell centres of the ``res^3`` cell grid
+    padded by one ring of cells (``res + 1`` node-grid cells over ``[-b, b]``, ``b = bound + spacing / 2``)."""
+    return bound + spacing(res, bound) / 2.0
 
 
 def _check_res(res: int) -> None:

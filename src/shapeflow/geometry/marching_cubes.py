@@ -50,6 +50,14 @@ from shapeflow.geometry.frame import BOUND
 log = logging.getLogger(__name__)
 
 
+class EmptySurfaceError(ValueError):
+    """A field has no surface to extract (all inside, all outside, or every component filtered out).
+
+    A legitimate outcome for a decoded shape (an untrained or failed generator): callers that mesh many
+    shapes count it per shape; every other ``ValueError`` of this module is a caller's error.
+    """
+
+
 def marching_cubes(
     field: np.ndarray,
     level: float = 0.0,
@@ -116,7 +124,7 @@ def marching_cubes(
     lo, hi = float(f.min()), float(f.max())
     if not lo < 0.0 < hi:
         where = "inside" if hi <= 0.0 else "outside"
-        raise ValueError(
+        raise EmptySurfaceError(
             f"field has no crossing of level {level:g} (min {lo + level:.4g}, max {hi + level:.4g}): "
             f"everything is {where}, no surface to extract"
         )
@@ -180,7 +188,7 @@ def voxels_to_mesh(
     ``h = 2 * bound / res`` (:func:`shapeflow.geometry.grid.cell_centers`). The voxel values are
     padded with one empty voxel on every side and the ``(res + 2)^3`` voxel centres are treated as the
     nodes of a node grid with ``res + 1`` cells over ``[-bound - h/2, bound + h/2]`` (the **half-cell
-    shift**: same spacing ``h``, first node at the centre of the padding voxel). The iso-surface at
+    shift** of :func:`shapeflow.geometry.grid.padded_cell_bound`). The iso-surface at
     ``threshold`` then passes half-way between the centres of an occupied and an empty voxel, i.e.
     on the shared voxel face, so the mesh encloses the occupied voxels (with marching-cubes bevels at
     edges and corners) and always lies within ``[-bound, bound]^3``.
@@ -203,10 +211,9 @@ def voxels_to_mesh(
     if occ.ndim != 3 or len(set(occ.shape)) != 1 or occ.shape[0] < 1:
         raise ValueError(f"voxels_to_mesh expects a cubic cell grid of shape (res,) * 3, got {occ.shape}")
     res = occ.shape[0]
-    h = grid.spacing(res, bound)
     occ = np.pad(occ.astype(np.float64), 1, mode="constant", constant_values=0.0)  # (res + 2,) * 3
     kwargs.setdefault("close_boundary", False)  # the padding already closes it
-    return marching_cubes(threshold - occ, level=0.0, bound=bound + h / 2.0, **kwargs)
+    return marching_cubes(threshold - occ, level=0.0, bound=grid.padded_cell_bound(res, bound), **kwargs)
 
 
 def filter_components(
@@ -242,7 +249,7 @@ def filter_components(
         keep_label[np.argmax(counts)] = True
     keep = keep_label[face_label]
     if not keep.any():
-        raise ValueError(f"component filter (min_faces={min_faces}) removed every face")
+        raise EmptySurfaceError(f"component filter (min_faces={min_faces}) removed every face")
     dropped = int(np.count_nonzero(counts[~keep_label] > 0))
     if dropped:
         log.debug("dropped %d connected component(s) (%d faces)", dropped, int((~keep).sum()))

@@ -262,3 +262,35 @@ def sample_queries(
     group = np.concatenate([np.full(n_uniform, 0), np.full(n_near_fine, 1), np.full(n_near_coarse, 2)])
     out = (np.concatenate(parts), group.astype(np.uint8))
     return (*out, np.concatenate(bounds)) if return_bound else out
+
+
+def farthest_points(points: np.ndarray, k: int, start: int = 0) -> np.ndarray:
+    """Exact farthest point sampling, deterministic: the first index is ``start``, ties go to the lowest index.
+
+    Each next point is the one whose distance to the points chosen so far is largest (Euclidean, float64).
+    ``O(n k)`` time and ``O(n)`` memory; for reproducible encodes and tests (a random start or a bucketed
+    approximation is faster and is what training uses).
+
+    Parameters
+    ----------
+    points : (n, 3) float
+    k : number of points to pick, ``1 <= k <= n``.
+    start : index of the first point.
+
+    Returns
+    -------
+    idx : (k,) int64, distinct.
+    """
+    pts = np.asarray(points, dtype=np.float64)
+    n = len(pts)
+    if not 1 <= k <= n:
+        raise ValueError(f"cannot pick {k} farthest points from {n} points")
+    if not 0 <= start < n:
+        raise ValueError(f"start index {start} is outside the {n} points")
+    idx = np.empty(k, dtype=np.int64)
+    idx[0] = start
+    dist = np.sum((pts - pts[start]) ** 2, axis=1)  # (n,) squared distance to the chosen set
+    for i in range(1, k):
+        idx[i] = int(np.argmax(dist))  # argmax returns the first maximum: ties to the lowest index
+        np.minimum(dist, np.sum((pts - pts[idx[i]]) ** 2, axis=1), out=dist)
+    return idx

@@ -1,4 +1,4 @@
-"""Model families, one file each, and the one place that maps a checkpoint to its family.
+"""Model families, one file each, and THE registry of them.
 
 ==============  ==============================================  =========================================
 kind            class                                           latent
@@ -9,84 +9,73 @@ kind            class                                           latent
 ``grid_dit``    :class:`~shapeflow.models.dit.GridDiT`           velocity on grid latents
 ==============  ==============================================  =========================================
 
-A shapeflow checkpoint directory holds ``config.json`` whose ``kind`` (written by ``save_pretrained``)
-or ``task`` (written by the training engine) names the family, and ``model.safetensors`` /
-``ema.safetensors``. Public checkpoints of other projects are recognised by their own files (see
-:mod:`shapeflow.models.pretrained`).
+Every family saves and loads through :class:`shapeflow.checkpoint.Pretrained`: ``Model.from_pretrained(path)``
+(a shapeflow checkpoint, a training run, or a public release the family converts) and
+``model.save_pretrained(dir)``. :func:`load_model` does the same when the family is not known in advance:
+it reads ``kind`` from the checkpoint (or recognises a release) and dispatches through :data:`MODELS`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
+from typing import Any
 
+from torch import nn
+
+from shapeflow.checkpoint import CheckpointError, read_model_kind
+from shapeflow.models.dit import GridDiT, GridDiTConfig, TokenDiT, TokenDiTConfig
+from shapeflow.models.grid_vae import GridVAE, GridVAEConfig
+from shapeflow.models.vecset_vae import VecSetVAE, VecSetVAEConfig
+
+__all__ = ["MODELS", "VAE_KINDS", "DIT_KINDS", "model_kind", "load_model", "load_vae", "load_dit"]
+
+#: THE registry: model family -> (config class, model class).
+MODELS: dict[str, tuple[type, type]] = {
+    "vecset_vae": (VecSetVAEConfig, VecSetVAE),
+    "grid_vae": (GridVAEConfig, GridVAE),
+    "token_dit": (TokenDiTConfig, TokenDiT),
+    "grid_dit": (GridDiTConfig, GridDiT),
+}
 VAE_KINDS = ("vecset_vae", "grid_vae")
 DIT_KINDS = ("token_dit", "grid_dit")
 
 
-def checkpoint_kind(path: str | os.PathLike) -> str:
-    """The model family of a shapeflow checkpoint (a directory, a run directory, or its ``final/``).
+def model_kind(path: str | os.PathLike) -> str:
+    """The family of the checkpoint or public release at ``path`` (a key of :data:`MODELS`).
 
-    Raises ``FileNotFoundError`` / ``ValueError`` with a one-line message when ``path`` is not a
-    shapeflow checkpoint or names no known family.
+    Raises ``FileNotFoundError`` / ``ValueError`` with a one-line message when ``path`` is neither or names
+    an unknown family.
     """
-    from shapeflow.train.checkpoint import resolve_checkpoint
-
-    ckpt = resolve_checkpoint(_prefer_final(Path(path)))
-    try:
-        cfg = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{ckpt}/config.json: invalid JSON ({e})") from None
-    kind = cfg.get("kind") or cfg.get("task")
-    if kind not in VAE_KINDS + DIT_KINDS:
-        raise ValueError(f"{ckpt}/config.json: unknown model kind {kind!r} "
-                         f"(expected one of {', '.join(VAE_KINDS + DIT_KINDS)})")
+    p = Path(path)
+    for kind, (_, model_class) in MODELS.items():
+        if any(release.detect(p) for release in model_class.releases):
+            return kind
+    kind = read_model_kind(p)
+    if kind not in MODELS:
+        raise CheckpointError(f"{p}: unknown model kind {kind!r} (expected one of {', '.join(MODELS)})")
     return kind
 
 
-def _prefer_final(path: Path) -> Path:
-    """A run directory stands for its exported ``final/`` weights when they exist."""
-    return path / "final" if (path / "final" / "config.json").is_file() else path
+def load_model(path: str | os.PathLike, *, ema: bool = False, kinds: tuple[str, ...] | None = None,
+               **overrides: Any) -> tuple[nn.Module, str]:
+    """Load any registered model from ``path``; returns ``(model in eval mode, kind)``.
 
-
-def load_vae(path: str | os.PathLike, *, ema: bool = False):
-    """Load a VecSet or grid VAE from a shapeflow checkpoint; returns ``(model, kind)`` in eval mode.
-
-    Public checkpoints: a Hunyuan3D ShapeVAE file (``.safetensors`` / ``.ckpt``) loads as ``vecset_vae``;
-    a TRELLIS ``ss_enc_* / ss_dec_*`` pair (path prefix, ``.json`` or ``.safetensors``) as ``grid_vae``.
+    ``kinds`` restricts the accepted families (a one-line error names the one found); ``overrides`` are
+    config fields (see :meth:`shapeflow.checkpoint.Pretrained.from_pretrained`).
     """
-    from shapeflow.models.grid_vae import GridVAE
-    from shapeflow.models.vecset_vae import VecSetVAE
-
-    p = Path(path)
-    if p.is_file() or not p.exists():  # a single public file or a TRELLIS prefix
-        if p.suffix in (".ckpt", ".pt", ".pth") or (p.suffix == ".safetensors" and not _trellis_pair(p)):
-            return VecSetVAE.from_pretrained(p).eval(), "vecset_vae"
-        return GridVAE.from_pretrained(p).eval(), "grid_vae"
-    p = _prefer_final(p)
-    kind = checkpoint_kind(p)
-    if kind == "vecset_vae":
-        return VecSetVAE.from_pretrained(p, ema=ema).eval(), kind
-    if kind == "grid_vae":
-        return GridVAE.from_pretrained(p, ema=ema).eval(), kind
-    raise ValueError(f"{path}: is a {kind} checkpoint, not a VAE")
+    kind = model_kind(path)
+    if kinds is not None and kind not in kinds:
+        role = {VAE_KINDS: "a VAE", DIT_KINDS: "a DiT"}.get(kinds, "one")
+        raise CheckpointError(f"{path}: is a {kind} checkpoint, not {role} ({' or '.join(kinds)})")
+    return MODELS[kind][1].from_pretrained(path, ema=ema, **overrides), kind
 
 
-def load_dit(path: str | os.PathLike, *, ema: bool = False):
-    """Load a token or grid DiT (shapeflow checkpoint or a TRELLIS ``ss_flow_*`` pair); ``(model, kind)``."""
-    from shapeflow.models.dit import GridDiT, load_dit as _load
-
-    p = Path(path)
-    if p.is_file() or not p.exists():
-        return GridDiT.from_pretrained(p).eval(), "grid_dit"
-    p = _prefer_final(p)
-    kind = checkpoint_kind(p)
-    if kind not in DIT_KINDS:
-        raise ValueError(f"{path}: is a {kind} checkpoint, not a DiT")
-    model = _load(p, ema=ema)
-    return model.eval(), kind
+def load_vae(path: str | os.PathLike, *, ema: bool = False, **overrides: Any) -> tuple[nn.Module, str]:
+    """A VecSet or grid VAE (shapeflow checkpoint, Hunyuan3D ShapeVAE release, TRELLIS ``ss_enc/ss_dec``)."""
+    return load_model(path, ema=ema, kinds=VAE_KINDS, **overrides)
 
 
-def _trellis_pair(p: Path) -> bool:
-    return p.with_suffix(".json").is_file()
+def load_dit(path: str | os.PathLike, *, ema: bool = False, **overrides: Any) -> tuple[nn.Module, str]:
+    """A token or grid DiT (shapeflow checkpoint or TRELLIS ``ss_flow_*``)."""
+    return load_model(path, ema=ema, kinds=DIT_KINDS, **overrides)

@@ -47,8 +47,7 @@ C width, r grid resolution, p patch size.
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import logging
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -57,10 +56,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from shapeflow.checkpoint import Pretrained
 from shapeflow.flow import LatentNormalizer
 from shapeflow.models.conditioning import ClassConditioner
+from shapeflow.models.pretrained import trellis_ss_flow
 from shapeflow.nn.attention import MLP, Attention
+from shapeflow.nn.embeddings import TimestepEmbedder, sincos_3d_position_embedding
 from shapeflow.nn.spatial import patchify_3d, unpatchify_3d
+
+log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------
 # Configs and presets
@@ -77,7 +81,7 @@ class DiTConfig:
     heads: int = 4  # attention heads (head channels = width / heads)
     mlp_ratio: float = 4.0  # MLP hidden width / width
     cond: Literal["none", "class", "image"] = "none"  # conditioning kind (module docstring)
-    num_classes: int = 0  # class-conditional: number of real classes (index num_classes = null)
+    classes: tuple[str, ...] = ()  # class-conditional: the class names, label i = classes[i] (null = len)
     cond_dim: int = 0  # image-conditional: width of the condition tokens (1024 for DINOv2-L)
     qk_norm: str | None = "rms"  # self-attention qk-norm: "rms" (TRELLIS), "layer" (Hunyuan) or None
     qk_norm_cross: str | None = None  # cross-attention qk-norm (TRELLIS image L: none; XL: rms)
@@ -95,31 +99,45 @@ class DiTConfig:
             raise ValueError(f"{type(self).__name__}: width {self.width} not divisible by {self.heads} heads")
         if self.cond not in ("none", "class", "image"):
             raise ValueError(f"{type(self).__name__}.cond must be none, class or image, not {self.cond!r}")
-        if self.cond == "class" and self.num_classes < 1:
-            raise ValueError(f"{type(self).__name__}: cond='class' needs num_classes >= 1")
+        if self.cond == "class" and not self.classes:
+            raise ValueError(f"{type(self).__name__}: cond='class' needs the class names (classes)")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"{type(self).__name__}.classes has duplicate names: {list(self.classes)}")
         if self.cond == "image" and self.cond_dim < 1:
             raise ValueError(f"{type(self).__name__}: cond='image' needs cond_dim >= 1 (the token width)")
         for name in ("qk_norm", "qk_norm_cross"):
             if getattr(self, name) not in (None, "layer", "rms"):
                 raise ValueError(f"{type(self).__name__}.{name} must be 'layer', 'rms' or None")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    @property
+    def num_classes(self) -> int:
+        """Number of real classes (the class embedding has one more row: the null class)."""
+        return len(self.classes)
 
 
 @dataclass(frozen=True)
 class TokenDiTConfig(DiTConfig):
     """Architecture of a :class:`TokenDiT` (defaults = the ``tiny`` preset, unconditional)."""
 
-    num_tokens: int = 0  # latent tokens per sample it trains on and samples by default (0: the VAE's
-    #   num_latents); no weight depends on it, training checks it against the latents
+    num_tokens: int = 128  # latent tokens per sample: what it trains on (checked against the latents) and
+    #   samples by default; no weight depends on it
 
     def __post_init__(self):
         super().__post_init__()
-        if int(self.num_tokens) < 0:
-            raise ValueError(f"TokenDiTConfig.num_tokens must be >= 0 (0: the VAE's), got {self.num_tokens!r}")
+        if int(self.num_tokens) < 1:
+            raise ValueError(f"TokenDiTConfig.num_tokens must be >= 1, got {self.num_tokens!r}")
 
-    PRESETS: ClassVar[dict[str, dict]]
+    PRESETS: ClassVar[dict[str, dict]] = {
+        # Trains on a 2-core CPU in minutes on 64-256 tokens x 8-16 channels; pairs with the tiny VecSet VAE.
+        "tiny": dict(width=128, depth=4, heads=4, num_tokens=128),
+        # DiT-B sizes (Peebles & Xie): about 130 M parameters, 163 M with DINOv2-L cross-attention; pairs with
+        # the base VecSet VAE (512 tokens).
+        "base": dict(width=768, depth=12, heads=12, num_tokens=512),
+        # Hunyuan3D-2.1 / TripoSG-like: width 2048, 21 blocks, 16 heads, U-ViT long skips, RMS qk-norm
+        # (no MoE, adaLN instead of a time token); about 1.9 B parameters with DINOv2-L cross-attention
+        # (cond_dim 1024), 1.7 B without; pairs with the large VecSet VAE (4096 tokens).
+        "large": dict(width=2048, depth=21, heads=16, long_skip=True, num_tokens=4096),
+    }
 
 
 @dataclass(frozen=True)
@@ -130,7 +148,17 @@ class GridDiTConfig(DiTConfig):
     resolution: int = 8  # latent grid size r (cubic); the position embedding is built for it
     patch_size: int = 1  # p; tokens = (r / p)^3 (TRELLIS SS flow: 1 -> 4096 tokens at r = 16)
 
-    PRESETS: ClassVar[dict[str, dict]]
+    PRESETS: ClassVar[dict[str, dict]] = {
+        "tiny": dict(resolution=8, patch_size=1, width=128, depth=4, heads=4),
+        # TRELLIS ss_flow_txt_dit_B-like sizes on a 16^3 x 8 latent.
+        "base": dict(resolution=16, patch_size=1, width=768, depth=12, heads=12),
+        # TRELLIS configs/generation/ss_flow_img_dit_L_16l8_fp16.json (about 556 M parameters).
+        "trellis_ss_flow_img_L": dict(
+            resolution=16, in_channels=8, width=1024, depth=24, heads=16, mlp_ratio=4.0, patch_size=1,
+            cond="image", cond_dim=1024, qk_norm="rms", qk_norm_cross=None, qkv_bias=True,
+            gelu_approximate="tanh", final_adaln=False, long_skip=False,
+        ),
+    }
 
     def __post_init__(self):
         super().__post_init__()
@@ -141,103 +169,6 @@ class GridDiTConfig(DiTConfig):
     @property
     def num_tokens(self) -> int:
         return (self.resolution // self.patch_size) ** 3
-
-
-TOKEN_PRESETS: dict[str, dict] = {
-    # Trains on a 2-core CPU in minutes on 64-256 tokens x 8-16 channels (about 1.3 M parameters).
-    "tiny": dict(width=128, depth=4, heads=4),
-    # DiT-B sizes (Peebles & Xie): about 130 M parameters, 163 M with DINOv2-L cross-attention.
-    "base": dict(width=768, depth=12, heads=12),
-    # Hunyuan3D-2.1 / TripoSG-like: width 2048, 21 blocks, 16 heads, U-ViT long skips, RMS qk-norm
-    # (no MoE, adaLN instead of a time token); about 1.9 B parameters with DINOv2-L cross-attention
-    # (cond_dim 1024), 1.7 B without.
-    "large": dict(width=2048, depth=21, heads=16, long_skip=True),
-}
-
-GRID_PRESETS: dict[str, dict] = {
-    "tiny": dict(resolution=8, patch_size=1, width=128, depth=4, heads=4),
-    # TRELLIS ss_flow_txt_dit_B-like sizes on a 16^3 x 8 latent.
-    "base": dict(resolution=16, patch_size=1, width=768, depth=12, heads=12),
-    # TRELLIS configs/generation/ss_flow_img_dit_L_16l8_fp16.json (about 556 M parameters).
-    "trellis_ss_flow_img_L": dict(
-        resolution=16, in_channels=8, width=1024, depth=24, heads=16, mlp_ratio=4.0, patch_size=1,
-        cond="image", cond_dim=1024, qk_norm="rms", qk_norm_cross=None, qkv_bias=True,
-        gelu_approximate="tanh", final_adaln=False, long_skip=False,
-    ),
-}
-
-TokenDiTConfig.PRESETS = TOKEN_PRESETS
-GridDiTConfig.PRESETS = GRID_PRESETS
-
-
-def _from_preset(cls, table: dict, name: str, overrides: dict):
-    if name not in table:
-        raise ValueError(f"unknown {cls.__name__} preset {name!r}; choose from {sorted(table)}")
-    unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s): {sorted(unknown)}")
-    return cls(**{**table[name], **overrides})
-
-
-def token_dit_config(preset: str = "tiny", **overrides) -> TokenDiTConfig:
-    """Config of a :class:`TokenDiT` preset (``tiny``, ``base``, ``large``) with field overrides."""
-    return _from_preset(TokenDiTConfig, TOKEN_PRESETS, preset, overrides)
-
-
-def grid_dit_config(preset: str = "tiny", **overrides) -> GridDiTConfig:
-    """Config of a :class:`GridDiT` preset (``tiny``, ``base``, ``trellis_ss_flow_img_L``) with overrides."""
-    return _from_preset(GridDiTConfig, GRID_PRESETS, preset, overrides)
-
-
-# ----------------------------------------------------------------------------------------------
-# Embeddings
-# ----------------------------------------------------------------------------------------------
-
-
-class TimestepEmbedder(nn.Module):
-    """Flow time ``t`` in [0, 1] -> (b, C): sinusoid of ``1000 t`` (dim 256, ``cat([cos, sin])``) then MLP.
-
-    ``mlp.0`` = Linear(256, C), ``mlp.1`` = SiLU, ``mlp.2`` = Linear(C, C) (TRELLIS / DiT names).
-    Frequencies ``exp(-ln(10000) k / 128)``, ``k = 0 .. 127``.
-    """
-
-    def __init__(self, width: int, freq_dim: int = 256, *, time_scale: float = 1000.0,
-                 max_period: float = 10000.0):
-        super().__init__()
-        if freq_dim % 2:
-            raise ValueError(f"timestep frequency dim must be even, got {freq_dim}")
-        self.freq_dim, self.time_scale, self.max_period = freq_dim, time_scale, max_period
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
-
-    def sinusoid(self, t: torch.Tensor) -> torch.Tensor:
-        """(b,) -> (b, freq_dim) features of ``time_scale * t`` in float32."""
-        half = self.freq_dim // 2
-        k = torch.arange(half, dtype=torch.float32, device=t.device)
-        freqs = torch.exp(-math.log(self.max_period) * k / half)  # (half,)
-        args = (t.float() * self.time_scale)[:, None] * freqs[None]  # (b, half)
-        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (b, freq_dim)
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        emb = self.sinusoid(t)
-        return self.mlp(emb.to(self.mlp[0].weight.dtype))
-
-
-def sincos_3d_position_embedding(resolution: int, width: int) -> torch.Tensor:
-    """TRELLIS ``AbsolutePositionEmbedder(width, 3)`` on a ``resolution^3`` token grid: ``(r^3, width)``.
-
-    Integer grid coordinates (``meshgrid(indexing="ij")`` flattened in C order, the token order of
-    :func:`shapeflow.nn.spatial.patchify_3d`); per axis ``[sin(x f), cos(x f)]`` with
-    ``f_k = 1 / 10000^(k / F)``, ``F = width // 3 // 2``; axes concatenated x|y|z, zero-padded to ``width``.
-    """
-    freq_dim = width // 3 // 2
-    if freq_dim < 1:
-        raise ValueError(f"width {width} is too small for a 3D sin-cos embedding (needs >= 6)")
-    r = torch.arange(resolution, dtype=torch.float32)
-    coords = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), dim=-1).reshape(-1, 3)  # (n, 3)
-    freqs = 1.0 / (10000.0 ** (torch.arange(freq_dim, dtype=torch.float32) / freq_dim))  # (F,)
-    out = coords[..., None] * freqs  # (n, 3, F)
-    emb = torch.cat([torch.sin(out), torch.cos(out)], dim=-1).reshape(coords.shape[0], -1)  # (n, 6F)
-    return F.pad(emb, (0, width - emb.shape[1]))  # (n, width)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,10 +232,30 @@ class LongSkip(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-class _DiT(nn.Module):
+class _DiT(Pretrained, nn.Module):
     """The transformer shared by both front ends: time/condition embedding, blocks, final norm."""
 
     config: DiTConfig
+
+    @classmethod
+    def upgrade_config(cls, fields: dict, raw: dict, source: str) -> dict:
+        """Older checkpoints: class names were the training data's ``data.classes`` next to
+        ``model.num_classes``; a token DiT's ``num_tokens`` 0 meant "the VAE's count", which the
+        checkpoint alone cannot tell (a warning asking for ``num_tokens=M``; the config refuses 0)."""
+        if "num_classes" in fields:
+            n = fields.pop("num_classes")
+            data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+            names = list(data.get("classes") or [])
+            if fields.get("cond") == "class" and "classes" not in fields:
+                if len(names) != n:
+                    raise ValueError(f"{source}: model.num_classes {n} but data.classes names {len(names)}")
+                fields["classes"] = names
+                log.info("%s: model.num_classes + data.classes -> model.classes (names are part of the model)",
+                         source)
+        if fields.get("num_tokens") == 0:  # the config check refuses it unless num_tokens=M is passed
+            log.warning("%s: model.num_tokens is 0 (an older shapeflow's 'the VAE's count'); load it with "
+                        "num_tokens=M, the token count of the latents it was trained on", source)
+        return fields
 
     def _build_trunk(self, cfg: DiTConfig) -> None:
         C = cfg.width
@@ -457,6 +408,9 @@ class TokenDiT(_DiT):
     optional ``skips``, optional ``final_adaLN_modulation``, ``out_layer`` Linear(C, c).
     """
 
+    kind: ClassVar[str] = "token_dit"
+    config_class: ClassVar[type] = TokenDiTConfig
+
     def __init__(self, config: TokenDiTConfig = TokenDiTConfig()):
         super().__init__()
         self.config = config
@@ -489,18 +443,6 @@ class TokenDiT(_DiT):
         h = self._trunk(h, self._time(t, x), cond)
         return self.out_layer(h)  # (b, m, c)
 
-    @classmethod
-    def from_preset(cls, preset: str = "tiny", **overrides) -> "TokenDiT":
-        return cls(token_dit_config(preset, **overrides))
-
-    @classmethod
-    def from_pretrained(cls, path, *, ema: bool = False, **overrides) -> "TokenDiT":
-        """Load a shapeflow checkpoint (see :func:`load_dit`; strict)."""
-        return load_dit(path, ema=ema, expect=cls, **overrides)
-
-    def save_pretrained(self, directory) -> None:
-        """Write ``directory/config.json`` + ``directory/model.safetensors`` (see :func:`save_dit`)."""
-        save_dit(self, directory)
 
 
 class GridDiT(_DiT):
@@ -510,8 +452,14 @@ class GridDiT(_DiT):
 
     Submodules (TRELLIS names): ``input_layer`` Linear(c p^3, C), buffer ``pos_emb`` (n, C),
     ``t_embedder``, ``blocks``, ``out_layer`` Linear(C, c p^3); plus optional ``class_embedder``,
-    ``skips`` and ``final_adaLN_modulation`` (absent in the TRELLIS preset).
+    ``skips`` and ``final_adaLN_modulation`` (absent in the TRELLIS preset). TRELLIS's released
+    ``ss_flow_*`` files load through :meth:`from_pretrained`, converted to shapeflow's flow convention
+    (:mod:`shapeflow.models.pretrained.trellis_ss_flow`).
     """
+
+    kind: ClassVar[str] = "grid_dit"
+    config_class: ClassVar[type] = GridDiTConfig
+    releases = (trellis_ss_flow.FORMAT,)
 
     _CHANNEL_DIM = 1
 
@@ -544,117 +492,3 @@ class GridDiT(_DiT):
         h = self._trunk(h, self._time(t, x), cond)
         h = self.out_layer(h)  # (b, n, c p^3)
         return unpatchify_3d(h, cfg.patch_size, grid=(r, r, r))  # (b, c, r, r, r)
-
-    @classmethod
-    def from_preset(cls, preset: str = "tiny", **overrides) -> "GridDiT":
-        return cls(grid_dit_config(preset, **overrides))
-
-    @classmethod
-    def from_pretrained(cls, path, *, ema: bool = False, **overrides) -> "GridDiT":
-        """Load a shapeflow checkpoint directory, or TRELLIS's ``ss_flow_*.{json,safetensors}`` pair.
-
-        A TRELLIS checkpoint comes back converted to shapeflow's flow convention (t = 0 noise, velocity
-        data - noise; the conversion is folded into ``t_embedder.mlp.0`` and ``out_layer``, see
-        :mod:`shapeflow.models.pretrained.trellis_ss_flow`), so it samples and fine-tunes like any
-        shapeflow DiT.
-        """
-        from shapeflow.models.pretrained.trellis_ss_flow import is_trellis_checkpoint, load_trellis_grid_dit
-
-        if is_trellis_checkpoint(path):
-            if ema or overrides:
-                raise ValueError(f"{path}: a TRELLIS checkpoint takes no ema/config overrides")
-            return load_trellis_grid_dit(path)
-        return load_dit(path, ema=ema, expect=cls, **overrides)
-
-    def save_pretrained(self, directory) -> None:
-        """Write ``directory/config.json`` + ``directory/model.safetensors`` (see :func:`save_dit`)."""
-        save_dit(self, directory)
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints (the training engine's layout, shapeflow.train.checkpoint)
-# ----------------------------------------------------------------------------------------------
-
-_KINDS = {"token_dit": (TokenDiT, TokenDiTConfig), "grid_dit": (GridDiT, GridDiTConfig)}
-_KIND_KEYS = ("kind", "name", "type", "arch")
-_GRID_ONLY_FIELDS = {"resolution", "patch_size"}
-
-
-def dit_config_from_dict(obj: dict, *, source: str = "config", expect: type | None = None, **overrides):
-    """Build a :class:`TokenDiTConfig` or :class:`GridDiTConfig` from a checkpoint ``config.json``.
-
-    ``obj`` holds the model fields bare or under ``"model"`` (the engine's resolved experiment config).
-    The family is taken from a ``kind`` entry (``"token_dit"`` / ``"grid_dit"``) when present, otherwise
-    from the fields (only grid configs have ``resolution`` / ``patch_size``); ``expect`` (a model class)
-    makes any other family an error. A ``preset`` entry supplies defaults. Unknown fields and wrong
-    types raise :class:`shapeflow.config.ConfigError` (a ``ValueError``) naming ``source`` and the key.
-    """
-    from shapeflow.config import from_dict
-
-    if not isinstance(obj, dict):
-        raise ValueError(f"{source}: expected a JSON object")
-    d = dict(obj["model"]) if isinstance(obj.get("model"), dict) else dict(obj)
-    kind = next((d.pop(k) for k in _KIND_KEYS if k in d), None) or obj.get("kind")
-    if kind is not None and kind not in _KINDS:
-        raise ValueError(f"{source}: checkpoint model is {kind!r}, not a DiT ({' or '.join(_KINDS)})")
-    if kind is None:
-        kind = "grid_dit" if _GRID_ONLY_FIELDS & set(d) else "token_dit"
-    model_cls, cfg_cls = _KINDS[kind]
-    if expect is not None and model_cls is not expect:
-        raise ValueError(f"{source}: checkpoint holds a {model_cls.__name__}, not a {expect.__name__}")
-    preset = d.pop("preset", None)
-    if preset is not None:
-        if preset not in cfg_cls.PRESETS:
-            raise ValueError(f"{source}: unknown {cfg_cls.__name__} preset {preset!r}; "
-                             f"choose from {sorted(cfg_cls.PRESETS)}")
-        d = {**cfg_cls.PRESETS[preset], **d}
-    return from_dict(cfg_cls, {**d, **overrides}, source=source, prefix="model")
-
-
-def save_dit(model: TokenDiT | GridDiT, directory) -> None:
-    """Write ``config.json`` (``{"kind": ..., "model": {...}}``) and ``model.safetensors`` (atomic each)."""
-    from pathlib import Path
-
-    from shapeflow.fileio import write_json
-    from shapeflow.train.checkpoint import save_safetensors
-
-    directory = Path(directory)
-    kind = "grid_dit" if isinstance(model, GridDiT) else "token_dit"
-    save_safetensors(directory / "model.safetensors", model.state_dict())
-    write_json(directory / "config.json", {"kind": kind, "model": model.config.to_dict()})
-
-
-def load_dit(path, *, ema: bool = False, expect: type | None = None, **overrides) -> TokenDiT | GridDiT:
-    """Load a DiT from a shapeflow checkpoint, strictly.
-
-    Parameters
-    ----------
-    path : a checkpoint directory (``config.json`` + ``model.safetensors``), a ``final/`` export or a run
-        directory (its latest checkpoint), as :func:`shapeflow.train.checkpoint.resolve_checkpoint`.
-    ema : read ``ema.safetensors`` (training checkpoints; ``final/`` already holds the exported weights).
-    expect : :class:`TokenDiT` or :class:`GridDiT` to insist on one family.
-    **overrides : config fields to replace (e.g. ``gradient_checkpointing``).
-
-    Raises
-    ------
-    FileNotFoundError for a missing path; ``ValueError`` (``CheckpointError`` / ``ConfigError``) for a
-    malformed config or missing / unexpected / mis-shaped keys (all listed).
-    """
-    from shapeflow.train.checkpoint import (
-        FINAL,
-        check_state_dict,
-        read_config,
-        read_weights,
-        resolve_checkpoint,
-    )
-
-    ckpt = resolve_checkpoint(path)
-    cfg = dit_config_from_dict(read_config(ckpt), source=str(ckpt / "config.json"), expect=expect,
-                               **overrides)
-    model = (GridDiT if isinstance(cfg, GridDiTConfig) else TokenDiT)(cfg)
-    export_only = ckpt.name == FINAL and not (ckpt / "ema.safetensors").is_file()  # final/: chosen weights
-    which = "ema" if ema and not export_only else "model"
-    state = read_weights(ckpt, which)
-    check_state_dict(model.state_dict(), state, str(ckpt / f"{which}.safetensors"))
-    model.load_state_dict(state, strict=True)
-    return model

@@ -76,7 +76,7 @@ def grid_vae_loss(
         truncated SDF in world units, negative inside, on the node grid (``input="sdf"``). Other keys
         are ignored.
     cfg : GridVAEConfig, optional
-        Loss settings (``loss``, ``kl_weight``, ``sdf_*``); defaults to ``model.cfg``.
+        Loss settings (``loss``, ``kl_weight``, ``sdf_*``); defaults to ``model.config``.
     generator : torch.Generator, optional
         For the posterior sample.
 
@@ -86,7 +86,7 @@ def grid_vae_loss(
     logs : dict of detached 0-d tensors: ``loss``, ``recon``, ``kl`` and the parts
         (``dice`` / ``bce`` and ``iou`` for occupancy; ``l1`` / ``mse`` and ``sign_acc`` for SDF).
     """
-    cfg = cfg if cfg is not None else model.cfg
+    cfg = cfg if cfg is not None else model.config
     if "grid" not in batch:
         raise ValueError(f"grid VAE batch needs a 'grid' entry, got keys {sorted(batch)}")
     x = batch["grid"]

@@ -40,12 +40,10 @@ Legend: b batch, c channels, r grid samples per axis, l latent grid size per axi
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
-from typing import Literal
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -53,17 +51,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from shapeflow.checkpoint import Pretrained
+from shapeflow.geometry import grid
 from shapeflow.geometry.frame import BOUND
+from shapeflow.geometry.marching_cubes import marching_cubes
 from shapeflow.models.distributions import DiagonalGaussian
+from shapeflow.models.pretrained import trellis_ss_vae
 from shapeflow.nn.spatial import pixel_shuffle_3d, pixel_unshuffle_3d
-from shapeflow.train.checkpoint import load_state_dict_strict
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "GridVAEConfig",
-    "PRESETS",
-    "from_preset",
     "ChannelLayerNorm32",
     "GroupNorm32",
     "ResBlock3d",
@@ -115,6 +114,29 @@ class GridVAEConfig:
     # lossless space-to-channel factor: the grid enters through pixel_unshuffle_3d(stem) and leaves through
     # pixel_shuffle_3d(stem), so every conv runs at 1/stem resolution (TRELLIS: 1; CPU presets: 2)
     stem: int = 1
+    latent_scale: float = 1.0  # generators see z * latent_scale (TRELLIS: 1); scale_latents / unscale_latents
+    decoder_only: bool = False  # no encoder (e.g. TRELLIS's decoder file on its own, to decode flow samples)
+
+    PRESETS: ClassVar[dict[str, dict]] = {
+        # CPU size: 64^3 occupancy -> 16^3 x 8 latent (TRELLIS's latent shape). The 2x space-to-channel stem
+        # runs every conv at <= 32^3 (several times faster per step than full-resolution convs on a CPU).
+        "tiny": dict(channels=(16, 64), stem=2, num_res_blocks=1, num_res_blocks_middle=1, loss="dice+bce"),
+        # Latent size comparable to the tiny VecSet VAE (128 x 16 = 2048): 64^3 occupancy -> 8^3 x 4.
+        "tiny8": dict(channels=(16, 32, 64), stem=2, latent_channels=4, num_res_blocks=1, num_res_blocks_middle=1,
+                      loss="dice+bce"),
+        # SDF-grid counterpart with the tiny VecSet's latent budget: 65^3 SDF nodes (padded to 72^3) -> 9^3 x 4.
+        "sdf_tiny": dict(input="sdf", resolution=64, channels=(16, 32, 64), stem=2, latent_channels=4,
+                         num_res_blocks=1, num_res_blocks_middle=1, loss="l1", sdf_truncation=0.0625),
+        # TRELLIS released ss_vae_conv3d_16l8_fp16: 64^3 -> 16^3 x 8, encoder ~59 M / decoder ~74 M params.
+        "trellis": dict(),
+        # SDF grid in, SDF grid out at 64 cells (65^3 nodes, padded to 68^3) -> 17^3 x 8 latent, 1.6 M params.
+        # Truncation 2 voxels = the preprocessing default (`shapeflow preprocess --tsdf-res 64`).
+        "sdf64": dict(input="sdf", resolution=64, channels=(16, 32, 64), num_res_blocks=1,
+                      num_res_blocks_middle=1, loss="l1", sdf_truncation=0.0625),
+        # SDF grid at 128 cells (129^3 nodes, padded to 136^3), three downsamples -> 17^3 x 8 latent.
+        "sdf128": dict(input="sdf", resolution=128, channels=(8, 16, 32, 64), num_res_blocks=1,
+                       num_res_blocks_middle=1, loss="l1", sdf_truncation=0.03125),
+    }
 
     def __post_init__(self):
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
@@ -141,6 +163,8 @@ class GridVAEConfig:
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight}")
         if self.input == "sdf" and not self.sdf_truncation > 0:
             raise ValueError(f"sdf_truncation must be > 0, got {self.sdf_truncation}")
+        if not self.latent_scale > 0:
+            raise ValueError(f"latent_scale must be > 0, got {self.latent_scale}")
 
     # derived sizes ----------------------------------------------------------------------------------
     @property
@@ -169,56 +193,10 @@ class GridVAEConfig:
         n = self.latent_size
         return (self.latent_channels, n, n, n)
 
-    def to_dict(self) -> dict:
-        """JSON-ready dict (tuples become lists); :meth:`from_dict` inverts it."""
-        d = asdict(self)
-        d["channels"] = list(self.channels)
-        d["decoder_channels"] = None if self.decoder_channels is None else list(self.decoder_channels)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GridVAEConfig":
-        """Build from a dict; unknown keys are an error that lists them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown GridVAEConfig keys: {unknown} (known: {sorted(known)})")
-        return cls(**d)
-
 
 def _choice(name: str, value, options, extra: str = "") -> None:
     if value not in options:
         raise ValueError(f"{name} must be one of {list(options)}{extra}, got {value!r}")
-
-
-PRESETS: dict[str, dict] = {
-    # CPU size: 64^3 occupancy -> 16^3 x 8 latent (TRELLIS's latent shape). The 2x space-to-channel stem
-    # runs every conv at <= 32^3 (about 4x faster per step than full-resolution convs here).
-    "tiny": dict(channels=(16, 64), stem=2, num_res_blocks=1, num_res_blocks_middle=1, loss="dice+bce"),
-    # Latent size comparable to the tiny VecSet VAE (128 x 16 = 2048): 64^3 occupancy -> 8^3 x 4.
-    "tiny8": dict(channels=(16, 32, 64), stem=2, latent_channels=4, num_res_blocks=1, num_res_blocks_middle=1,
-                  loss="dice+bce"),
-    # SDF-grid counterpart with the tiny VecSet's latent budget: 65^3 SDF nodes (padded to 72^3) -> 9^3 x 4.
-    "sdf_tiny": dict(input="sdf", resolution=64, channels=(16, 32, 64), stem=2, latent_channels=4,
-                     num_res_blocks=1, num_res_blocks_middle=1, loss="l1", sdf_truncation=0.0625),
-    # TRELLIS released ss_vae_conv3d_16l8_fp16: 64^3 -> 16^3 x 8, encoder ~59 M / decoder ~74 M params.
-    "trellis": dict(),
-    # SDF grid in, SDF grid out at 64 cells (65^3 nodes, padded to 68^3) -> 17^3 x 8 latent, 1.6 M params.
-    # Truncation 2 voxels = the preprocessing default (`shapeflow preprocess --tsdf-res 64`).
-    "sdf64": dict(input="sdf", resolution=64, channels=(16, 32, 64), num_res_blocks=1,
-                  num_res_blocks_middle=1, loss="l1", sdf_truncation=0.0625),
-    # SDF grid at 128 cells (129^3 nodes, padded to 136^3), three downsamples -> 17^3 x 8 latent;
-    # fwd+bwd of one sample ~6.6 s and 2.5 GB peak RSS on this CPU.
-    "sdf128": dict(input="sdf", resolution=128, channels=(8, 16, 32, 64), num_res_blocks=1,
-                   num_res_blocks_middle=1, loss="l1", sdf_truncation=0.03125),
-}
-
-
-def from_preset(name: str, **overrides) -> GridVAEConfig:
-    """``GridVAEConfig`` of a named preset (``tiny``, ``trellis``, ``sdf64``, ``sdf128``) with overrides."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown grid VAE preset {name!r}; choose from {sorted(PRESETS)}")
-    return GridVAEConfig(**{**PRESETS[name], **overrides})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -390,22 +368,23 @@ class Decoder(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-class GridVAE(nn.Module):
+class GridVAE(Pretrained, nn.Module):
     """Grid in, latent grid, grid out.
 
-    Parameters
-    ----------
-    cfg : GridVAEConfig
-    with_encoder : bool
-        ``False`` builds the decoder only (e.g. TRELLIS's decoder file on its own, for decoding flow
-        samples); :meth:`encode` then raises and the state dict holds ``decoder.*`` keys only.
+    ``config.decoder_only`` builds the decoder only (e.g. TRELLIS's decoder file on its own, for decoding
+    flow samples); :meth:`encode` then raises and the state dict holds ``decoder.*`` keys only.
+    TRELLIS's released ``ss_enc_* / ss_dec_*`` files load through :meth:`from_pretrained` as published.
     """
 
-    def __init__(self, cfg: GridVAEConfig, *, with_encoder: bool = True):
+    kind: ClassVar[str] = "grid_vae"
+    config_class: ClassVar[type] = GridVAEConfig
+    releases = (trellis_ss_vae.FORMAT,)
+
+    def __init__(self, config: GridVAEConfig):
         super().__init__()
-        self.cfg = cfg
-        self.encoder = Encoder(cfg) if with_encoder else None
-        self.decoder = Decoder(cfg)
+        self.config = config
+        self.encoder = None if config.decoder_only else Encoder(config)
+        self.decoder = Decoder(config)
         self.init_weights()
 
     @property
@@ -439,11 +418,11 @@ class GridVAE(nn.Module):
     # ---- grid <-> network units ----------------------------------------------------------------------
     @property
     def _pad(self) -> int:
-        f = self.cfg.downsample_factor
-        return -(-self.cfg.grid_size // f) * f - self.cfg.grid_size
+        f = self.config.downsample_factor
+        return -(-self.config.grid_size // f) * f - self.config.grid_size
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
+        cfg = self.config
         if x.dim() != 5 or x.shape[1] != cfg.in_channels:
             raise ValueError(
                 f"GridVAE expects a (b, {cfg.in_channels}, r, r, r) grid, got shape {tuple(x.shape)}"
@@ -470,7 +449,7 @@ class GridVAE(nn.Module):
         negative inside, on the node grid (``input="sdf"``). ``l = ceil(r / downsample_factor)``.
         """
         if self.encoder is None:
-            raise ValueError("this GridVAE has no encoder (it was built or loaded decoder-only)")
+            raise ValueError("this GridVAE has no encoder (config.decoder_only: built or loaded decoder-only)")
         moments = self.encoder(self._prepare(x))  # (b, 2 c_lat, l, l, l)
         return DiagonalGaussian.from_moments(moments.float().contiguous(), dim=1)  # fp32 even under autocast
 
@@ -483,17 +462,17 @@ class GridVAE(nn.Module):
         ``encode`` adds for this config's grid size (0 for 64^3 occupancy; 3 for a 129^3 node grid),
         so ``decode`` of a ``cfg.latent_shape`` latent has ``cfg.grid_size`` samples per axis.
         """
-        if z.dim() != 5 or z.shape[1] != self.cfg.latent_channels:
+        if z.dim() != 5 or z.shape[1] != self.config.latent_channels:
             raise ValueError(
-                f"GridVAE.decode expects (b, {self.cfg.latent_channels}, l, l, l) latents, "
+                f"GridVAE.decode expects (b, {self.config.latent_channels}, l, l, l) latents, "
                 f"got {tuple(z.shape)}"
             )
         z = z.float()
-        if self.cfg.channels_last:
+        if self.config.channels_last:
             z = z.contiguous(memory_format=torch.channels_last_3d)
         out = self.decoder(z).float()  # (b, c_out s^3, f l / s, ...), fp32 even under autocast
-        if self.cfg.stem > 1:
-            out = pixel_shuffle_3d(out, self.cfg.stem)  # (b, c_out, f l, f l, f l)
+        if self.config.stem > 1:
+            out = pixel_shuffle_3d(out, self.config.stem)  # (b, c_out, f l, f l, f l)
         if size is None:
             size = tuple(n - self._pad for n in out.shape[2:])
         elif isinstance(size, int):
@@ -503,8 +482,8 @@ class GridVAE(nn.Module):
                 f"GridVAE.decode: size {tuple(size)} exceeds the decoded grid {tuple(out.shape[2:])}"
             )
         out = out[..., : size[0], : size[1], : size[2]]
-        if self.cfg.input == "sdf":
-            out = out * self.cfg.sdf_truncation
+        if self.config.input == "sdf":
+            out = out * self.config.sdf_truncation
         return out.contiguous()
 
     def forward(
@@ -518,113 +497,24 @@ class GridVAE(nn.Module):
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z, size=tuple(x.shape[2:])), posterior
 
-    # ---- checkpoints -------------------------------------------------------------------------------------
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write ``path/config.json`` (``{"kind": "grid_vae", "model": {...}}``) and ``model.safetensors``."""
-        from safetensors.torch import save_file
+    def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE latents -> the latents generators model: ``z * config.latent_scale``."""
+        return z * self.config.latent_scale
 
-        from shapeflow import fileio
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        with fileio.atomic_path(path / "model.safetensors") as tmp:
-            save_file(state, str(tmp))
-        fileio.write_json(path / "config.json", {"kind": "grid_vae", "model": self.cfg.to_dict()})
+    def unscale_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`scale_latents` (generator samples -> VAE latents for :meth:`decode`)."""
+        return x / self.config.latent_scale
 
     @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        decoder_path: str | Path | None = None,
-        *,
-        ema: bool = False,
-        map_location: str | torch.device = "cpu",
-    ) -> "GridVAE":
-        """Load a grid VAE checkpoint.
-
-        Parameters
-        ----------
-        path : str or Path
-            One of:
-
-            * a directory with ``config.json`` (model config under ``"model"``, as the training engine
-              writes it, or bare) and ``model.safetensors``: this project's format;
-            * a TRELLIS checkpoint path prefix ``.../ss_enc_conv3d_16l8_fp16`` (``.json`` + ``.safetensors``
-              beside it; either file's full name works too). An encoder file is paired with
-              ``decoder_path`` or, if not given, with the ``ss_dec_*`` file next to it; a decoder file
-              alone gives a decoder-only model (``encode`` raises).
-        decoder_path : str or Path, optional
-            TRELLIS decoder prefix when it is not the encoder's ``ss_enc_`` -> ``ss_dec_`` sibling.
-        ema : bool
-            Load ``ema.safetensors`` instead of ``model.safetensors`` (this project's checkpoints only).
-        map_location : device for the loaded tensors.
-
-        Raises
-        ------
-        FileNotFoundError
-            Nothing loadable at ``path``.
-        ValueError
-            Bad config, or state-dict keys/shapes that do not match (all listed).
-        """
-        path = Path(path)
-        if path.is_dir():
-            cfg_file = path / "config.json"
-            weights = path / ("ema.safetensors" if ema else "model.safetensors")
-            for f in (cfg_file, weights):
-                if not f.is_file():
-                    raise FileNotFoundError(
-                        f"{f}: missing (a grid VAE checkpoint directory needs config.json + {weights.name})"
-                    )
-            cfg = _config_from_json(cfg_file)
-            from safetensors.torch import load_file
-
-            try:
-                state = load_file(str(weights), device=str(map_location))
-            except Exception as e:  # safetensors raises its own error types
-                raise ValueError(f"{weights}: not a readable safetensors file ({e})") from None
-            with_encoder = any(k.startswith("encoder.") for k in state)
-            model = cls(cfg, with_encoder=with_encoder)
-            load_state_dict_strict(model, state, source=str(weights))
-            return model
-        if ema:
-            raise ValueError(f"{path}: ema=True needs a shapeflow checkpoint directory")
-        from shapeflow.models.pretrained.trellis_ss_vae import load_trellis_ss_vae
-
-        return load_trellis_ss_vae(path, decoder_path, map_location=map_location)
-
-
-_KIND_NAMES = ("grid_vae", "grid", "GridVAE")
-_KIND_KEYS = ("kind", "name", "type", "arch")
-
-
-def _config_from_json(path: Path) -> GridVAEConfig:
-    """Config of a checkpoint's ``config.json``: the ``"model"`` section of an experiment config, or bare."""
-    try:
-        raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    for key in ("task", "kind"):
-        if key in raw and raw[key] not in _KIND_NAMES:
-            raise ValueError(f"{path}: checkpoint {key} is {raw[key]!r}, not a grid VAE")
-    if isinstance(raw.get("model"), dict):
-        d = dict(raw["model"])
-    else:
-        d = {k: v for k, v in raw.items() if k != "kind"}
-    for key in _KIND_KEYS:  # a model-kind tag inside the model section (as the VecSet loader writes it)
-        if key in d:
-            value = d.pop(key)
-            if value not in _KIND_NAMES:
-                raise ValueError(f"{path}: checkpoint model {key} is {value!r}, not a grid VAE")
-    absent = sorted({f.name for f in fields(GridVAEConfig)} - set(d))
-    if absent:
-        log.info("%s: config fields %s absent; using their defaults", path, absent)
-    try:
-        return GridVAEConfig.from_dict(d)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from None
+    def from_pretrained(cls, path, decoder_path=None, *, ema: bool = False, **overrides) -> "GridVAE":
+        """Load a grid VAE checkpoint (:meth:`shapeflow.checkpoint.Pretrained.from_pretrained`), or TRELLIS's
+        released sparse-structure files: an ``ss_enc_*`` prefix (or either of its files) with the ``ss_dec_*``
+        file beside it or at ``decoder_path``, or an ``ss_dec_*`` file alone (a decoder-only model)."""
+        if decoder_path is not None:
+            if ema:
+                raise ValueError(f"{path}: ema=True needs a shapeflow checkpoint directory")
+            return cls.from_release(trellis_ss_vae.convert(path, decoder_path), **overrides)
+        return super().from_pretrained(path, ema=ema, **overrides)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -655,7 +545,8 @@ def grid_to_field(output: torch.Tensor, input_kind: str, bound: float = BOUND) -
     Occupancy voxels are cells, so the probability is known at cell centres
     ``-bound + (i + 0.5) h`` (``h = 2 bound / r``). Those centres, plus one ring of "empty" samples
     outside, form a node grid of ``r + 1`` cells with the same spacing ``h`` over
-    ``[-bound - h/2, bound + h/2]``: ``n = r + 2`` and ``field_bound = bound * (r + 1) / r``. The field is
+    ``[-bound - h/2, bound + h/2]`` (the half-cell shift, :func:`shapeflow.geometry.grid.padded_cell_bound`):
+    ``n = r + 2``. The field is
     ``0.5 - sigmoid(logits)``, so level 0 is the probability-0.5 iso-surface and the padding ring
     (probability 0) closes every surface. SDF outputs already are node-grid fields: returned as-is
     with ``field_bound = bound``.
@@ -666,7 +557,7 @@ def grid_to_field(output: torch.Tensor, input_kind: str, bound: float = BOUND) -
     if input_kind == "occupancy":
         r = out.shape[-1]
         field = F.pad(0.5 - torch.sigmoid(out), (1, 1, 1, 1, 1, 1), value=0.5)  # (b, r+2, r+2, r+2)
-        return field.cpu().numpy().astype(np.float32), float(bound) * (r + 1) / r
+        return field.cpu().numpy().astype(np.float32), grid.padded_cell_bound(r, float(bound))
     if input_kind == "sdf":
         return out.cpu().numpy().astype(np.float32), float(bound)
     raise ValueError(f"input_kind must be 'occupancy' or 'sdf', got {input_kind!r}")
@@ -682,7 +573,5 @@ def grid_to_mesh(
     the node grid). ``mc_kwargs`` go to marching cubes (``largest_component``, ``min_component_faces``).
     An output with no surface (all empty / all full) raises marching cubes' ``ValueError``.
     """
-    from shapeflow.geometry.marching_cubes import marching_cubes
-
     fields, field_bound = grid_to_field(output, input_kind, bound)
     return [marching_cubes(f, 0.0, field_bound, **mc_kwargs) for f in fields]

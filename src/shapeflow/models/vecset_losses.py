@@ -62,8 +62,8 @@ class VecSetLossConfig:
     normal_weight: float = 0.0  # 1 - cos(grad field, normal) at surface points
     surface_samples: int = 2048  # surface points per shape for the surface / normal terms
     sample_posterior: bool = True  # decode a posterior sample (VAE) rather than the mean
-    num_latents: int | tuple[int, ...] | None = None  # tokens per training step (None: the model's
-    #   cfg.num_latents); a list draws one count per step, uniformly (TripoSG / Dora train with varying counts)
+    num_tokens: int | tuple[int, ...] | None = None  # tokens per training step (None: the model's
+    #   config.num_tokens); a list draws one count per step, uniformly (TripoSG / Dora train with varying counts)
     position_weight: float = 1.0  # token positions -> their FPS points (position-bias models only)
 
     def __post_init__(self):
@@ -77,13 +77,13 @@ class VecSetLossConfig:
             raise ValueError("the eikonal term needs kind='sdf' (an occupancy logit is not a distance)")
         if not self.position_weight >= 0:
             raise ValueError(f"VecSetLossConfig.position_weight must be >= 0, got {self.position_weight!r}")
-        if isinstance(self.num_latents, list):  # YAML lists -> a hashable, frozen tuple
-            object.__setattr__(self, "num_latents", tuple(self.num_latents))
-        counts = self.num_latents if isinstance(self.num_latents, tuple) else (self.num_latents,)
+        if isinstance(self.num_tokens, list):  # YAML lists -> a hashable, frozen tuple
+            object.__setattr__(self, "num_tokens", tuple(self.num_tokens))
+        counts = self.num_tokens if isinstance(self.num_tokens, tuple) else (self.num_tokens,)
         is_count = [isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts]
-        if self.num_latents is not None and not (counts and all(is_count)):
-            raise ValueError(f"VecSetLossConfig.num_latents must be null, a token count >= 1 or a list of them, "
-                             f"got {self.num_latents!r}")
+        if self.num_tokens is not None and not (counts and all(is_count)):
+            raise ValueError(f"VecSetLossConfig.num_tokens must be null, a token count >= 1 or a list of them, "
+                             f"got {self.num_tokens!r}")
         if len(self.group_weights) != 3:
             raise ValueError("VecSetLossConfig.group_weights needs 3 weights "
                              "(uniform, near fine, near coarse)")
@@ -109,12 +109,12 @@ def _point_error(field: torch.Tensor, target: torch.Tensor, cfg: VecSetLossConfi
     return (field - target).square() if cfg.sdf_loss == "mse" else (field - target).abs()
 
 
-def _step_num_latents(cfg: VecSetLossConfig, generator: torch.Generator | None) -> int | None:
-    """This step's token count: ``cfg.num_latents``, or one of the list drawn with ``generator``."""
-    if not isinstance(cfg.num_latents, tuple):
-        return cfg.num_latents
-    k = torch.randint(len(cfg.num_latents), (1,), generator=generator, device=generator.device if generator else "cpu")
-    return cfg.num_latents[int(k)]
+def _step_num_tokens(cfg: VecSetLossConfig, generator: torch.Generator | None) -> int | None:
+    """This step's token count: ``cfg.num_tokens``, or one of the list drawn with ``generator``."""
+    if not isinstance(cfg.num_tokens, tuple):
+        return cfg.num_tokens
+    k = torch.randint(len(cfg.num_tokens), (1,), generator=generator, device=generator.device if generator else "cpu")
+    return cfg.num_tokens[int(k)]
 
 
 def vecset_vae_loss(model, batch: dict, cfg: VecSetLossConfig = VecSetLossConfig(), *,
@@ -133,8 +133,8 @@ def vecset_vae_loss(model, batch: dict, cfg: VecSetLossConfig = VecSetLossConfig
     Returns
     -------
     loss : scalar tensor
-    logs : dict of floats: ``loss``, ``recon``, ``recon_<group>`` (when groups are given), ``kl``,
-      ``sign_acc`` (fraction of query points on the right side), ``position`` for position-bias models,
+    logs : dict of detached 0-d tensors (no device sync; read out when logging): ``loss``, ``recon``,
+      ``recon_<group>`` (when groups are given), ``kl``, ``sign_acc`` (fraction of query points on the right side), ``position`` for position-bias models,
       and each enabled optional term.
     """
     surface, points, sdf = batch["surface"], batch["points"], batch["sdf"]
@@ -150,7 +150,7 @@ def vecset_vae_loss(model, batch: dict, cfg: VecSetLossConfig = VecSetLossConfig
         surf = surface.gather(1, sel[..., None].expand(-1, -1, surface.shape[-1]))  # (b, k, >=6)
         query_pts = torch.cat([points, surf[..., :3]], dim=1)  # (b, q + k, 3)
     # Call the module itself (not encode/decode/query) so DDP / FSDP wrappers see a forward pass.
-    kwargs = dict(sample_posterior=cfg.sample_posterior, num_latents=_step_num_latents(cfg, generator),
+    kwargs = dict(sample_posterior=cfg.sample_posterior, num_tokens=_step_num_tokens(cfg, generator),
                   generator=generator)
     if need_grad:
         query_pts = query_pts.detach().requires_grad_(True)
@@ -201,6 +201,4 @@ def vecset_vae_loss(model, batch: dict, cfg: VecSetLossConfig = VecSetLossConfig
 
     terms["sign_acc"] = ((field.detach() < 0) == (sdf < 0)).float().mean()
     terms["loss"] = loss
-    names = list(terms)
-    values = torch.stack([terms[n].detach().float() for n in names]).tolist()  # one device sync
-    return loss, dict(zip(names, values))
+    return loss, {name: value.detach().float() for name, value in terms.items()}  # 0-d tensors: no device sync

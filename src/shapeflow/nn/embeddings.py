@@ -1,4 +1,4 @@
-"""Positional embeddings for continuous coordinates.
+"""Embeddings shared by the models: Fourier features of xyz, the flow-time embedder, 3D sin-cos positions.
 
 Design choices
 --------------
@@ -9,6 +9,10 @@ Design choices
   (``x0 f0, x0 f1, ..., x0 f7, x1 f0, ...``). Output width ``d * (2 * num_freqs + include_input)``,
   51 for xyz with 8 frequencies.
 * The frequencies are a non-persistent buffer: they are not in any state dict (Hunyuan3D's aren't either).
+* :class:`TimestepEmbedder` (DiT / TRELLIS): flow time ``t`` in [0, 1] (:mod:`shapeflow.flow`) -> a 256-dim
+  sinusoid of ``1000 t`` in ``cat([cos, sin])`` order -> MLP. Public models with another time scale or
+  order are converted in their loaders, never here.
+* :func:`sincos_3d_position_embedding`: TRELLIS's absolute 3D sin-cos table for a token grid.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -54,3 +59,67 @@ class FourierEmbedder(nn.Module):
         embed = (x[..., None] * freqs).flatten(-2)  # (..., d * f), input-dim major
         parts = [x, embed.sin(), embed.cos()] if self.include_input else [embed.sin(), embed.cos()]
         return torch.cat(parts, dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Flow time ``t`` in [0, 1] -> (b, C): sinusoid of ``1000 t`` (dim 256, ``cat([cos, sin])``) then MLP.
+
+    ``mlp.0`` = Linear(256, C), ``mlp.1`` = SiLU, ``mlp.2`` = Linear(C, C) (TRELLIS / DiT names).
+    Frequencies ``exp(-ln(10000) k / 128)``, ``k = 0 .. 127``.
+    """
+
+    def __init__(self, width: int, freq_dim: int = 256, *, time_scale: float = 1000.0,
+                 max_period: float = 10000.0):
+        super().__init__()
+        if freq_dim % 2:
+            raise ValueError(f"timestep frequency dim must be even, got {freq_dim}")
+        self.freq_dim, self.time_scale, self.max_period = freq_dim, time_scale, max_period
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def sinusoid(self, t: torch.Tensor) -> torch.Tensor:
+        """(b,) -> (b, freq_dim) features of ``time_scale * t`` in float32."""
+        half = self.freq_dim // 2
+        k = torch.arange(half, dtype=torch.float32, device=t.device)
+        freqs = torch.exp(-math.log(self.max_period) * k / half)  # (half,)
+        args = (t.float() * self.time_scale)[:, None] * freqs[None]  # (b, half)
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (b, freq_dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        emb = self.sinusoid(t)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+def sincos_3d_position_embedding(resolution: int, width: int) -> torch.Tensor:
+    """TRELLIS ``AbsolutePositionEmbedder(width, 3)`` on a ``resolution^3`` token grid: ``(r^3, width)``.
+
+    Integer grid coordinates (``meshgrid(indexing="ij")`` flattened in C order, the token order of
+    :func:`shapeflow.nn.spatial.patchify_3d`); per axis ``[sin(x f), cos(x f)]`` with
+    ``f_k = 1 / 10000^(k / F)``, ``F = width // 3 // 2``; axes concatenated x|y|z, zero-padded to ``width``.
+    """
+    freq_dim = width // 3 // 2
+    if freq_dim < 1:
+        raise ValueError(f"width {width} is too small for a 3D sin-cos embedding (needs >= 6)")
+    r = torch.arange(resolution, dtype=torch.float32)
+    coords = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), dim=-1).reshape(-1, 3)  # (n, 3)
+    freqs = 1.0 / (10000.0 ** (torch.arange(freq_dim, dtype=torch.float32) / freq_dim))  # (F,)
+    out = coords[..., None] * freqs  # (n, 3, F)
+    emb = torch.cat([torch.sin(out), torch.cos(out)], dim=-1).reshape(coords.shape[0], -1)  # (n, 6F)
+    return F.pad(emb, (0, width - emb.shape[1]))  # (n, width)
+
+
+@torch.no_grad()
+def reverse_time_weight(weight: torch.Tensor, *, time_scale: float = 1000.0, max_period: float = 10000.0) -> torch.Tensor:
+    """First-layer weight ``(C, freq_dim)`` of a :class:`TimestepEmbedder` for reversed time: ``W'`` with
+    ``W' emb(t) = W emb(1 - t)`` for every ``t``.
+
+    Per frequency ``f`` (``A = time_scale f``, ``B = time_scale t f``): ``cos(A - B) = cos A cos B + sin A sin B``
+    and ``sin(A - B) = sin A cos B - cos A sin B``, a fixed rotation of the ``[cos | sin]`` columns. Computed
+    in float64, returned in ``weight``'s dtype.
+    """
+    half = weight.shape[1] // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64) / half)
+    a = time_scale * freqs  # the angle of t = 1
+    cos_a, sin_a = torch.cos(a), torch.sin(a)
+    w = weight.double()
+    w_cos, w_sin = w[:, :half], w[:, half:]  # columns acting on the cos(B) and the sin(B) features
+    return torch.cat([w_cos * cos_a + w_sin * sin_a, w_cos * sin_a - w_sin * cos_a], dim=1).to(weight.dtype)

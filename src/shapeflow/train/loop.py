@@ -35,16 +35,18 @@ Design choices:
   :class:`torch.optim.Muon` (:class:`.muon.BatchedMuon`: the same update, batched over same-shape
   matrices; orthogonalised Nesterov momentum, update RMS matched to AdamW's so
   ``train.lr`` keeps its meaning) and the rest (embeddings, input / output projections, norms, biases) to
-  AdamW; on the tiny VecSet VAE it reaches in 1000 steps what AdamW reaches in 4000 (BENCHMARKS.md).
-  DDP only (FSDP shards the matrices Muon orthogonalises).
+  AdamW (BENCHMARKS.md compares the two). DDP only (FSDP shards the matrices Muon orthogonalises).
 * Precision: fp32 master weights; ``precision: auto`` is bf16 autocast on CUDA and on CPUs with native
-  bf16 matmuls: AMX tile units (Intel Sapphire Rapids and later: a tiny VecSet step 1.5x faster than in
-  float32) or AVX512-BF16 (AMD Zen 5: the demo's VecSet and DiT steps 1.6-1.7x faster; BENCHMARKS.md);
-  fp32 on other CPUs (where bf16 is emulated and slower than float32); no grad
-  scaler (bf16 has fp32's range). Attention runs in float32 on the CPU (:func:`shapeflow.nn.attention.sdpa`).
-* NaN/inf: the loss terms (averaged over ranks) and the gradient norm are checked every step before the
-  update; on a non-finite value every rank raises :class:`NonFiniteLossError` naming the step and the
-  terms, nothing is updated or saved, and the last good checkpoint stays ``latest``.
+  bf16 matmuls (AMX tile units on Intel Sapphire Rapids and later, AVX512-BF16 on AMD Zen 4 / Zen 5),
+  fp32 on other CPUs (where bf16 is emulated and slower than float32); no grad scaler (bf16 has fp32's
+  range). Attention runs in float32 on the CPU (:func:`shapeflow.nn.attention.sdpa`).
+* Phases: :func:`run` finds the resume point (:func:`_resume_point`), builds the run (:func:`_build`),
+  then per step updates (:func:`_step`), logs, validates and saves when due (:func:`_train`), and exports
+  ``final/`` (:func:`_export`).
+* Host reads: the loss terms stay on the device, summed over the log interval, and are read once per
+  log step. The one per-step read is a bool: NaN/inf in the loss terms (averaged over ranks) or the
+  gradient norm, checked before the update; then every rank raises :class:`NonFiniteLossError` naming the
+  step and the terms, nothing is updated or saved, and the last good checkpoint stays ``latest``.
 * Multi-process: ``torchrun`` environment only (:mod:`.dist`). ``strategy: ddp`` wraps in
   DistributedDataParallel; ``strategy: fsdp`` applies FSDP2 ``fully_shard`` to every element of every
   ``nn.ModuleList`` (the transformer blocks) and then to the root. Checkpoints always hold full
@@ -65,6 +67,7 @@ import math
 import random
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -75,12 +78,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from shapeflow import checkpoint as ckpt_lib
 from shapeflow import fileio
-from shapeflow.config import ExperimentConfig, TrainConfig, save_resolved, to_dict
-from shapeflow.train import checkpoint as ckpt_lib
 from shapeflow.train import dist
 from shapeflow.train.ema import EMA, DTensor, unwrap
-from shapeflow.train.tasks import TASKS, Task
+from shapeflow.train.experiment import ExperimentConfig, TrainConfig, resolved_dict, save_resolved
+from shapeflow.train.task import Task
+from shapeflow.train.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +207,7 @@ def _optimizer(model: nn.Module,
     names = [n for n, _ in decay] + [n for n, _ in no_decay]
     if not matrices:
         return opt, names
-    from shapeflow.train.muon import BatchedMuon  # subclasses torch.optim.Muon (torch >= 2.9)
+    from shapeflow.train.muon import BatchedMuon  # lazy: subclasses torch.optim.Muon, torch >= 2.9 only
 
     muon = BatchedMuon([p for _, p in matrices], lr=cfg.lr, weight_decay=cfg.weight_decay,
                        momentum=0.95, nesterov=True, adjust_lr_fn="match_rms_adamw")
@@ -458,13 +462,15 @@ def _eval_module(task: Task, cfg: ExperimentConfig, model: nn.Module, ema: EMA |
             m.load_state_dict(backup, strict=True)
 
 
-def _default_validate(task: Task, cfg: ExperimentConfig, step: int) -> Callable:
-    def validate(model: nn.Module, loader: Iterable, cfg: ExperimentConfig) -> dict[str, float]:
+def _default_validate(task: Task, step: int) -> Callable:
+    """Without ``task.validate``: the sample-weighted mean of the loss and its logs on the validation set."""
+
+    def validate(model: nn.Module, loader: Iterable, cfg: ExperimentConfig, frozen: Any) -> dict[str, float]:
         sums: dict[str, float] = defaultdict(float)
         count = 0
         for batch in loader:
             n = _first_len(batch) or 1
-            loss, logs = task.loss(model, batch, cfg, step)
+            loss, logs = task.loss(model, batch, cfg, step, frozen)
             for k, v in {**{k: float(v) for k, v in logs.items()}, "loss": float(loss)}.items():
                 sums[k] += v * n
             count += n
@@ -473,25 +479,26 @@ def _default_validate(task: Task, cfg: ExperimentConfig, step: int) -> Callable:
     return validate
 
 
-def _validate(task: Task, cfg: ExperimentConfig, model: nn.Module, ema: EMA | None, val_ds: Dataset,
-              info: dist.DistInfo, device: torch.device, autocast: Callable, micro: int,
-              step: int) -> dict[str, float]:
-    tc = cfg.train
-    n = len(val_ds)
-    lo, hi = n * info.rank // info.world_size, n * (info.rank + 1) // info.world_size
-    batches = [list(range(i, min(i + micro, hi))) for i in range(lo, hi, micro)]
-    which = tc.val_weights if ema is not None else "model"
-    fn = task.validate or _default_validate(task, cfg, step)
+def _validate(r: "_Run", step: int) -> dict[str, float]:
+    """Validation on this rank's contiguous shard, with the model's and/or the EMA's weights, averaged over
+    ranks weighted by shard size. It does not consume training RNG."""
+    tc = r.cfg.train
+    n = len(r.val_ds)
+    lo, hi = n * r.info.rank // r.info.world_size, n * (r.info.rank + 1) // r.info.world_size
+    batches = [list(range(i, min(i + r.micro, hi))) for i in range(lo, hi, r.micro)]
+    which = tc.val_weights if r.ema is not None else "model"
+    fn = r.task.validate or _default_validate(r.task, step)
     out: dict[str, float] = {}
     for weights in (["model", "ema"] if which == "both" else [which]):
-        averaged = ema if weights == "ema" else None
-        with _preserve_rng(cuda=device.type == "cuda"), _eval_module(task, cfg, model, averaged, device) as m:
+        averaged = r.ema if weights == "ema" else None
+        with _preserve_rng(cuda=r.device.type == "cuda"), \
+                _eval_module(r.task, r.cfg, r.model, averaged, r.device) as m:
             metrics: dict[str, float] = {}
             if batches:
-                items = _SeededItems(val_ds, tc.seed, salt=1)
-                loader = _DeviceLoader(_loader(items, batches, task, tc, device, tc.seed), device)
-                with torch.no_grad(), autocast():
-                    metrics = {k: float(v) for k, v in fn(m, loader, cfg).items()}
+                items = _SeededItems(r.val_ds, tc.seed, salt=1)
+                loader = _DeviceLoader(_loader(items, batches, r.task, tc, r.device, tc.seed), r.device)
+                with torch.no_grad(), r.autocast():
+                    metrics = {k: float(v) for k, v in fn(m, loader, r.cfg, r.frozen).items()}
         gathered = dist.all_gather_object((metrics, hi - lo))
         total = sum(c for _, c in gathered)
         prefix = "val" if weights == "model" else "val_ema"
@@ -515,7 +522,7 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _check_resume_config(saved: dict, cfg: ExperimentConfig, where: Path) -> None:
-    cur = _flatten({k: v for k, v in to_dict(cfg).items() if k != "out_dir"})
+    cur = _flatten({k: v for k, v in resolved_dict(cfg).items() if k != "out_dir"})
     old = _flatten({k: v for k, v in saved.items() if k != "out_dir"})
     old.setdefault("train.optimizer", "adamw")  # checkpoints from before the option
     diff = sorted(k for k in set(cur) | set(old) if cur.get(k, "<absent>") != old.get(k, "<absent>"))
@@ -534,7 +541,7 @@ def _rank_seed(seed: int, rank: int, step: int) -> int:
 
 
 # =================================================================================================
-# the loop
+# the loop: resume point -> build -> (step, log, validate, save)* -> export
 # =================================================================================================
 
 
@@ -543,7 +550,7 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> dict[str, float]:
 
     Parameters
     ----------
-    cfg : resolved experiment config (:func:`shapeflow.config.load_config`).
+    cfg : resolved experiment config (:func:`shapeflow.train.experiment.load_config`).
     resume : continue from ``<out_dir>/checkpoints/latest`` (start from step 0 when there is none).
         Without it, an ``out_dir`` that already has checkpoints is an error.
 
@@ -564,35 +571,59 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> dict[str, float]:
     owns_group = info.is_distributed and not torch.distributed.is_initialized()
     dist.init_distributed(info, device)
     try:
-        return _run(cfg, TASKS[cfg.task], info, device, resume)
+        ckpt, state = _resume_point(cfg, info, resume)
+        r = _build(cfg, TASKS[cfg.task], info, device, ckpt, state)
+        try:
+            results = _train(r)
+        finally:
+            r.close()
+        _export(r)
+        return results
     finally:
         if owns_group:
             dist.destroy_distributed()
 
 
-def _run(cfg: ExperimentConfig, task: Task, info: dist.DistInfo, device: torch.device,
-         resume: bool) -> dict[str, float]:
-    tc = cfg.train
-    out_dir = Path(cfg.out_dir)
-    main = info.is_main
-    if tc.batch_size % (info.world_size * tc.grad_accum):
-        raise ValueError(f"train.batch_size={tc.batch_size} is not divisible by world size x grad_accum = "
-                         f"{info.world_size} x {tc.grad_accum}")
-    micro = tc.batch_size // (info.world_size * tc.grad_accum)
-    fsdp = tc.strategy == "fsdp" and info.is_distributed
-    if fsdp and tc.optimizer == "muon":
-        raise ValueError("train.optimizer=muon needs whole weight matrices: use train.strategy=ddp "
-                         "(FSDP shards them)")
-    if tc.strategy == "fsdp" and not info.is_distributed:
-        dist.print0("train.strategy=fsdp in a single process: training unsharded")
-    bf16 = use_bf16(tc.precision, device)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    if device.type == "cuda" and tc.precision != "fp32":
-        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts
+@dataclass
+class _Run:
+    """Everything one training run holds between its phases."""
 
-    # ---- where to start -------------------------------------------------------------------------
+    cfg: ExperimentConfig
+    task: Task
+    info: dist.DistInfo
+    device: torch.device
+    model: nn.Module  # possibly DDP / FSDP wrapped
+    opt: torch.optim.Optimizer | CombinedOptimizer
+    names: list[str]  # parameter names in the optimizer's order
+    ema: EMA | None
+    sampler: GlobalBatchSampler
+    batches: Iterator[Any]
+    val_ds: Dataset | None
+    frozen: Any  # the task's build_frozen result
+    start: int  # first step to run
+    micro: int  # per-rank micro-batch
+    fsdp: bool
+    autocast: Callable[[], Any]
+    writer: Any = None  # TensorBoard SummaryWriter on rank 0, when tensorboard is installed
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+    @property
+    def main(self) -> bool:
+        return self.info.is_main
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _resume_point(cfg: ExperimentConfig, info: dist.DistInfo, resume: bool) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from and its training state (decided on rank 0, shared with every rank)."""
+    out_dir = Path(cfg.out_dir)
     found, error = None, None
-    if main:  # decided on rank 0, shared with every rank (errors too, so no rank waits forever)
+    if info.is_main:  # errors are shared too, so no rank waits forever
         try:
             ckpt_lib.clean_stale(out_dir)
             if resume:
@@ -605,16 +636,34 @@ def _run(cfg: ExperimentConfig, task: Task, info: dist.DistInfo, device: torch.d
     found, error = dist.broadcast_object((found, error))
     if error is not None:
         raise ValueError(error)
-    ckpt = Path(found) if found else None
-    state = None
-    if ckpt is not None:
-        _check_resume_config(ckpt_lib.read_config(ckpt), cfg, ckpt)
-        state = ckpt_lib.load_train_state(ckpt)
-        dist.print0("resuming from %s (step %d)", ckpt, state["step"])
-    elif resume:
-        dist.print0("no checkpoint in %s; starting from step 0", out_dir)
+    if found is None:
+        if resume:
+            dist.print0("no checkpoint in %s; starting from step 0", out_dir)
+        return None, None
+    ckpt = Path(found)
+    _check_resume_config(ckpt_lib.read_config(ckpt), cfg, ckpt)
+    state = ckpt_lib.load_train_state(ckpt)
+    dist.print0("resuming from %s (step %d)", ckpt, state["step"])
+    return ckpt, state
 
-    # ---- model, data, optimizer, EMA ------------------------------------------------------------
+
+def _build(cfg: ExperimentConfig, task: Task, info: dist.DistInfo, device: torch.device, ckpt: Path | None,
+           state: dict | None) -> _Run:
+    """Model (same initial weights on every rank), data, optimizer, EMA, RNG streams, logs."""
+    tc = cfg.train
+    if tc.batch_size % (info.world_size * tc.grad_accum):
+        raise ValueError(f"train.batch_size={tc.batch_size} is not divisible by world size x grad_accum = "
+                         f"{info.world_size} x {tc.grad_accum}")
+    fsdp = tc.strategy == "fsdp" and info.is_distributed
+    if fsdp and tc.optimizer == "muon":
+        raise ValueError("train.optimizer=muon needs whole weight matrices: use train.strategy=ddp "
+                         "(FSDP shards them)")
+    if tc.strategy == "fsdp" and not info.is_distributed:
+        dist.print0("train.strategy=fsdp in a single process: training unsharded")
+    bf16 = use_bf16(tc.precision, device)
+    if device.type == "cuda" and tc.precision != "fp32":
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts
+
     dist.seed_everything(tc.seed)  # identical initial weights on every rank
     model = task.build_model(cfg)
     if tc.grad_checkpointing:
@@ -627,6 +676,7 @@ def _run(cfg: ExperimentConfig, task: Task, info: dist.DistInfo, device: torch.d
     n_params = sum(p.numel() for p in model.parameters())
     model.to(device)
     train_ds, val_ds = task.build_datasets(cfg)
+    frozen = task.build_frozen(cfg, device) if task.build_frozen is not None else None
     model = _wrap(model, tc, info, device)
     model.train()
     opt, names = _optimizer(model, tc)
@@ -642,138 +692,196 @@ def _run(cfg: ExperimentConfig, task: Task, info: dist.DistInfo, device: torch.d
     if state is not None and state.get("data", {}).get("dataset_len") != len(train_ds):
         dist.print0("training set size changed since the checkpoint (%s -> %d): data order differs",
                     state.get("data", {}).get("dataset_len"), len(train_ds), level=logging.WARNING)
-    dist.seed_everything(_rank_seed(tc.seed, info.rank, 0))
-    if state is not None:
-        if len(state["rng"]) == info.world_size:
-            dist.set_rng_state(state["rng"][info.rank])
-        else:
-            dist.print0("world size changed (%d -> %d): RNG streams reseeded", len(state["rng"]),
-                        info.world_size, level=logging.WARNING)
-            dist.seed_everything(_rank_seed(tc.seed, info.rank, start))
+    _restore_rng(tc.seed, info, start, state)
     loader = _loader(_SeededItems(train_ds, tc.seed, salt=0), sampler, task, tc, device,
                      _rank_seed(tc.seed, info.rank, start))
-    batches = iter(loader)
-
-    # ---- logging --------------------------------------------------------------------------------
-    writer = None
-    if main:
-        save_resolved(cfg, out_dir / "config.json")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(log_dir=str(out_dir / "tb"))
-        except ImportError:
-            log.info("tensorboard is not installed: scalars go to %s only", out_dir / "metrics.jsonl")
+    micro = tc.batch_size // (info.world_size * tc.grad_accum)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    r = _Run(cfg=cfg, task=task, info=info, device=device, model=model, opt=opt, names=names, ema=ema,
+             sampler=sampler, batches=iter(loader), val_ds=val_ds, frozen=frozen, start=start, micro=micro,
+             fsdp=fsdp, autocast=autocast)
+    _open_logs(r)
     dist.print0("task %s: %.3fM parameters, %d steps, global batch %d (%d ranks x %d accum x %d), "
-                "%s, %s on %s",
-                cfg.task, n_params / 1e6, tc.steps, tc.batch_size, info.world_size, tc.grad_accum, micro,
-                "bf16 autocast" if bf16 else "fp32", tc.strategy if info.is_distributed else "single process",
-                device)
+                "%s, %s on %s", cfg.task, n_params / 1e6, tc.steps, tc.batch_size, info.world_size,
+                tc.grad_accum, micro, "bf16 autocast" if bf16 else "fp32",
+                tc.strategy if info.is_distributed else "single process", device)
+    return r
 
-    def emit(step: int, split: str, values: dict[str, float]) -> None:
-        if not main:
-            return
-        fileio.append_line(out_dir / "metrics.jsonl", json.dumps({"step": step, "split": split, **values}))
-        if writer is not None:
-            for k, v in values.items():
-                writer.add_scalar(k if "/" in k else f"{split}/{k}", v, step)
 
-    def save(done: int) -> Path | None:
-        model_state = _full_model_state(model) if (main or fsdp) else None
-        ema_state = ema.state_dict() if ema is not None and (main or fsdp) else None
-        optim = _optimizer_state(model, opt, names, fsdp)
-        rngs = dist.all_gather_object(dist.rng_state())
-        path = None
-        if main:
-            train_state = {"format": 1, "step": done, "optimizer": optim, "rng": rngs,
-                           "world_size": info.world_size, "data": sampler.position(done),
-                           "lr": lr_at(done, tc), "torch": str(torch.__version__)}
-            path = ckpt_lib.save_checkpoint(out_dir, done, config=to_dict(cfg), model_state=model_state,
-                                            ema_state=ema_state, train_state=train_state,
-                                            keep_last=tc.keep_last)
-        dist.barrier()
-        return path
+def _restore_rng(seed: int, info: dist.DistInfo, start: int, state: dict | None) -> None:
+    """This rank's RNG streams: seeded per rank, or restored from the checkpoint (reseeded if the world changed)."""
+    dist.seed_everything(_rank_seed(seed, info.rank, 0))
+    if state is None:
+        return
+    if len(state["rng"]) == info.world_size:
+        dist.set_rng_state(state["rng"][info.rank])
+    else:
+        dist.print0("world size changed (%d -> %d): RNG streams reseeded", len(state["rng"]),
+                    info.world_size, level=logging.WARNING)
+        dist.seed_everything(_rank_seed(seed, info.rank, start))
 
-    # ---- train ----------------------------------------------------------------------------------
-    results: dict[str, float] = {"step": float(start)}
-    interval: dict[str, float] = defaultdict(float)
-    n_interval, paused, t0 = 0, 0.0, time.perf_counter()
-    pbar = tqdm(total=tc.steps, initial=start, disable=not main, desc=cfg.task, dynamic_ncols=True)
+
+def _open_logs(r: _Run) -> None:
+    """Rank 0: the resolved config next to the run, TensorBoard when installed."""
+    if not r.main:
+        return
+    save_resolved(r.cfg, r.out_dir / "config.json")
     try:
-        for step in range(start, tc.steps):
-            lr = lr_at(step, tc)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            total = torch.zeros((), device=device)
-            terms: dict[str, torch.Tensor] = {}
-            for j in range(tc.grad_accum):
-                batch = _to_device(next(batches), device)
-                with _grad_sync(model, j == tc.grad_accum - 1):
-                    with autocast():
-                        loss, logs = task.loss(model, batch, cfg, step)
-                    (loss / tc.grad_accum).backward()
-                total += loss.detach().float() / tc.grad_accum
-                for k, v in logs.items():
-                    if k != "loss":
-                        v = torch.as_tensor(v, device=device).detach().float().reshape(())
-                        terms[k] = terms.get(k, 0.0) + v / tc.grad_accum
-            keys = sorted(terms)
-            vec = dist.all_reduce_mean(torch.stack([total] + [terms[k] for k in keys]))
-            grad_norm = _clip_grads(model, tc.grad_clip)
-            values = torch.cat([vec, grad_norm.detach().float().reshape(1).to(vec.device)]).cpu().tolist()
-            loss_terms = {"loss": values[0], **dict(zip(keys, values[1:-1]))}
-            if not all(math.isfinite(v) for v in values):
-                latest = ckpt_lib.latest_checkpoint(out_dir) if main else None
-                shown = ", ".join(f"{k}={v:.6g}" for k, v in loss_terms.items())
-                bad_loss = not all(math.isfinite(v) for v in loss_terms.values())
-                what = "loss" if bad_loss else f"gradient norm ({values[-1]})"
-                raise NonFiniteLossError(
-                    f"step {step}: non-finite {what} ({shown}); stopped before the update, nothing saved; "
-                    f"last good checkpoint: {latest if latest is not None else 'none'}")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.update(model, step)
+        from torch.utils.tensorboard import SummaryWriter  # optional dependency (the "log" extra)
+
+        r.writer = SummaryWriter(log_dir=str(r.out_dir / "tb"))
+    except ImportError:
+        log.info("tensorboard is not installed: scalars go to %s only", r.out_dir / "metrics.jsonl")
+
+
+def _train(r: _Run) -> dict[str, float]:
+    """Steps ``r.start .. train.steps``: update, then log / validate / save when due."""
+    tc = r.cfg.train
+    results: dict[str, float] = {"step": float(r.start)}
+    interval = _Interval()
+    pbar = tqdm(total=tc.steps, initial=r.start, disable=not r.main, desc=r.cfg.task, dynamic_ncols=True)
+    try:
+        for step in range(r.start, tc.steps):
+            keys, values = _step(r, step)
             done = step + 1
             pbar.update(1)
-            for k, v in loss_terms.items():
-                interval[k] += v
-            interval["grad_norm"] += values[-1]
-            n_interval += 1
-
+            interval.add(keys, values)
             if done % tc.log_every == 0 or done == tc.steps:
-                elapsed = max(time.perf_counter() - t0 - paused, 1e-9)
-                rec = {k: v / n_interval for k, v in interval.items()}
-                rec.update(lr=lr, samples_per_s=n_interval * tc.batch_size / elapsed)
+                rec = interval.read(lr=lr_at(step, tc), batch_size=tc.batch_size)
                 results.update({f"train/{k}": v for k, v in rec.items()})
-                emit(done, "train", rec)
+                _emit(r, done, "train", rec)
                 pbar.set_postfix(loss=f"{rec['loss']:.4g}", samples_s=f"{rec['samples_per_s']:.1f}")
-                interval.clear()
-                n_interval, paused, t0 = 0, 0.0, time.perf_counter()
-
-            t_pause = time.perf_counter()
-            validate_now = (tc.val_every and done % tc.val_every == 0) or done == tc.steps
-            if val_ds is not None and len(val_ds) and validate_now:
-                val = _validate(task, cfg, model, ema, val_ds, info, device, autocast, micro, done)
-                results.update(val)
-                emit(done, "val", val)
-                dist.print0("step %d: %s", done, ", ".join(f"{k}={v:.5g}" for k, v in val.items()))
-            if (tc.ckpt_every and done % tc.ckpt_every == 0) or done == tc.steps:
-                save(done)
-            paused += time.perf_counter() - t_pause
+            with interval.paused():
+                if r.val_ds is not None and len(r.val_ds) and _due(done, tc.val_every, tc.steps):
+                    val = _validate(r, done)
+                    results.update(val)
+                    _emit(r, done, "val", val)
+                    dist.print0("step %d: %s", done, ", ".join(f"{k}={v:.5g}" for k, v in val.items()))
+                if _due(done, tc.ckpt_every, tc.steps):
+                    _save(r, done)
             results["step"] = float(done)
     finally:
         pbar.close()
-        if writer is not None:
-            writer.close()
+    if r.start >= tc.steps:
+        dist.print0("checkpoint is at step %d >= train.steps=%d: nothing to train", r.start, tc.steps)
+    return results
 
-    if start >= tc.steps:
-        dist.print0("checkpoint is at step %d >= train.steps=%d: nothing to train", start, tc.steps)
-    if main:
-        last = ckpt_lib.latest_checkpoint(out_dir)
+
+def _due(done: int, every: int, steps: int) -> bool:
+    """Whether an every-N-steps action runs after update ``done`` (always after the last one; 0 = only then)."""
+    return (every > 0 and done % every == 0) or done == steps
+
+
+def _step(r: _Run, step: int) -> tuple[list[str], torch.Tensor]:
+    """One optimizer update; returns the log keys and a device tensor ``[loss, terms..., grad_norm]``.
+
+    The only host read is one bool (all values finite?), so a NaN/inf stops the run before the update.
+    """
+    tc = r.cfg.train
+    for group in r.opt.param_groups:
+        group["lr"] = lr_at(step, tc)
+    total = torch.zeros((), device=r.device)
+    terms: dict[str, torch.Tensor] = {}
+    for j in range(tc.grad_accum):
+        batch = _to_device(next(r.batches), r.device)
+        with _grad_sync(r.model, j == tc.grad_accum - 1):
+            with r.autocast():
+                loss, logs = r.task.loss(r.model, batch, r.cfg, step, r.frozen)
+            (loss / tc.grad_accum).backward()
+        total += loss.detach().float() / tc.grad_accum
+        for k, v in logs.items():
+            if k != "loss":
+                v = torch.as_tensor(v, device=r.device).detach().float().reshape(())
+                terms[k] = terms.get(k, 0.0) + v / tc.grad_accum
+    keys = ["loss", *sorted(terms), "grad_norm"]
+    vec = dist.all_reduce_mean(torch.stack([total] + [terms[k] for k in keys[1:-1]]))
+    grad_norm = _clip_grads(r.model, tc.grad_clip)
+    values = torch.cat([vec, grad_norm.detach().float().reshape(1).to(vec.device)])
+    if not bool(torch.isfinite(values).all()):
+        _raise_non_finite(r, step, keys, values)
+    r.opt.step()
+    r.opt.zero_grad(set_to_none=True)
+    if r.ema is not None:
+        r.ema.update(r.model, step)
+    return keys, values
+
+
+def _raise_non_finite(r: _Run, step: int, keys: list[str], values: torch.Tensor) -> None:
+    vals = dict(zip(keys, values.cpu().tolist()))
+    grad_norm = vals.pop("grad_norm")
+    latest = ckpt_lib.latest_checkpoint(r.out_dir) if r.main else None
+    shown = ", ".join(f"{k}={v:.6g}" for k, v in vals.items())
+    what = "loss" if not all(math.isfinite(v) for v in vals.values()) else f"gradient norm ({grad_norm})"
+    raise NonFiniteLossError(f"step {step}: non-finite {what} ({shown}); stopped before the update, nothing "
+                             f"saved; last good checkpoint: {latest if latest is not None else 'none'}")
+
+
+class _Interval:
+    """Sums of the per-step log values between two log steps, on the device; read out once per log step."""
+
+    def __init__(self):
+        self.keys: list[str] | None = None
+        self.sum: torch.Tensor | None = None
+        self.n, self.paused_s, self.t0 = 0, 0.0, time.perf_counter()
+
+    def add(self, keys: list[str], values: torch.Tensor) -> None:
+        if self.keys is not None and keys != self.keys:
+            raise ValueError(f"the task's log keys changed between steps: {self.keys} -> {keys}")
+        self.keys, self.n = keys, self.n + 1
+        self.sum = values if self.sum is None else self.sum + values
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside (validation, saving) does not count toward samples/s."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - t
+
+    def read(self, *, lr: float, batch_size: int) -> dict[str, float]:
+        """The interval's means (one host read), lr and samples/s; starts a new interval."""
+        means = dict(zip(self.keys, (self.sum / self.n).cpu().tolist()))
+        elapsed = max(time.perf_counter() - self.t0 - self.paused_s, 1e-9)
+        rec = {**means, "lr": lr, "samples_per_s": self.n * batch_size / elapsed}
+        self.sum, self.n, self.paused_s, self.t0 = None, 0, 0.0, time.perf_counter()
+        return rec
+
+
+def _emit(r: _Run, step: int, split: str, values: dict[str, float]) -> None:
+    """One metrics.jsonl line (and TensorBoard scalars) on rank 0."""
+    if not r.main:
+        return
+    fileio.append_line(r.out_dir / "metrics.jsonl", json.dumps({"step": step, "split": split, **values}))
+    if r.writer is not None:
+        for k, v in values.items():
+            r.writer.add_scalar(k if "/" in k else f"{split}/{k}", v, step)
+
+
+def _save(r: _Run, done: int) -> Path | None:
+    """A checkpoint after update ``done`` (collective: every rank gathers; rank 0 writes)."""
+    tc = r.cfg.train
+    model_state = _full_model_state(r.model) if (r.main or r.fsdp) else None
+    ema_state = r.ema.state_dict() if r.ema is not None and (r.main or r.fsdp) else None
+    optim = _optimizer_state(r.model, r.opt, r.names, r.fsdp)
+    rngs = dist.all_gather_object(dist.rng_state())
+    path = None
+    if r.main:
+        train_state = {"format": 1, "step": done, "optimizer": optim, "rng": rngs,
+                       "world_size": r.info.world_size, "data": r.sampler.position(done),
+                       "lr": lr_at(done, tc), "torch": str(torch.__version__)}
+        path = ckpt_lib.save_checkpoint(r.out_dir, done, config=resolved_dict(r.cfg), model_state=model_state,
+                                        ema_state=ema_state, train_state=train_state, keep_last=tc.keep_last)
+    dist.barrier()
+    return path
+
+
+def _export(r: _Run) -> None:
+    """``<out_dir>/final/``: the latest checkpoint's config and chosen weights (EMA by default)."""
+    if r.main:
+        last = ckpt_lib.latest_checkpoint(r.out_dir)
         if last is not None:
-            which = tc.export_weights if ema is not None else "model"
-            final = ckpt_lib.export_final(out_dir, last, which)
+            which = r.cfg.train.export_weights if r.ema is not None else "model"
+            final = ckpt_lib.export_final(r.out_dir, last, which)
             dist.print0("exported %s weights to %s", which, final)
     dist.barrier()
-    return results

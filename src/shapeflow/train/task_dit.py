@@ -12,16 +12,18 @@ split (``data.normalization``) and stores it in the DiT's ``latent_mean`` / ``la
 it is saved with the weights; the flow is trained on ``normalize_latents(z)`` and samples are mapped back
 with ``denormalize_latents``.
 
-Conditioning (``model.cond``): ``"none"``; ``"class"`` with ``data.classes`` naming the classes in label
-order (recorded in the checkpoint's config, so ``shapeflow generate --class NAME`` can map names), null
-class ``num_classes`` for classifier-free guidance; ``"image"``: a random rendered view of the object
-(``data.image_root``, a folder preprocessed with ``--render-views``) is encoded by a frozen DINOv2
-(``data.image_encoder``: hub name or local directory; loaded once per process, no gradients) and its
-tokens are the cross-attention context (TRELLIS / Hunyuan3D); the null condition is all-zero tokens.
+Conditioning (``model.cond``): ``"none"``; ``"class"`` with ``model.classes`` naming the classes in label
+order (part of the model's config, so ``shapeflow generate --class NAME`` can map names; objects of other
+classes in the latent folder are left out), null class ``len(classes)`` for classifier-free guidance;
+``"image"``: a random rendered view of the object (``data.image_root``, a folder preprocessed with
+``--render-views``) is encoded by a frozen DINOv2 (``data.image_encoder``: hub name or local directory;
+built once per run by the task's ``build_frozen``, no gradients) and its tokens are the cross-attention
+context (TRELLIS / Hunyuan3D); the null condition is all-zero tokens.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
@@ -30,11 +32,13 @@ from torch import nn
 
 from shapeflow.data.latents import LatentDataset
 from shapeflow.flow import FlowConfig, LatentNormalizer, flow_matching_loss
-from shapeflow.models.dit import GridDiT, GridDiTConfig, TokenDiT, TokenDiTConfig
+from shapeflow.models.conditioning import ImageConditioner
+from shapeflow.models.dit import GridDiT, TokenDiT
 from shapeflow.train.ema import unwrap
+from shapeflow.train.task import Task
 
 if TYPE_CHECKING:
-    from shapeflow.config import ExperimentConfig
+    from shapeflow.train.experiment import ExperimentConfig
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,6 @@ class LatentDataConfig:
     root: str = "data/latents"  # a `shapeflow encode-latents` output folder
     val_fraction: float = 0.1  # share of objects held out (by id hash)
     split_seed: int = 0  # seed of the id-hash split
-    classes: tuple[str, ...] = ()  # class names in label order (class-conditional models); () = no labels
     normalization: str = "channel"  # latent normaliser fitted on the train split: channel|global|scale|none
     image_root: str = ""  # image conditioning: preprocessed folder with rendered views (--render-views)
     image_encoder: str = "facebook/dinov2-large"  # image conditioning: DINOv2 hub name or local directory
@@ -55,12 +58,7 @@ class LatentDataConfig:
 
 def _datasets(cfg: "ExperimentConfig"):
     d, m = cfg.data, cfg.model
-    classes = list(d.classes) if m.cond == "class" else None
-    if m.cond == "class":
-        if not d.classes:
-            raise ValueError("a class-conditional DiT needs data.classes (class names in label order)")
-        if len(d.classes) != m.num_classes:
-            raise ValueError(f"data.classes has {len(d.classes)} names but model.num_classes is {m.num_classes}")
+    classes = list(m.classes) if m.cond == "class" else None
     views = None
     if m.cond == "image":
         if not d.image_root:
@@ -76,11 +74,12 @@ def _datasets(cfg: "ExperimentConfig"):
 
 
 def _check_shape(model: nn.Module, z: torch.Tensor, root: str) -> None:
+    """THE check that a DiT fits its latents (a token DiT's ``num_tokens``, a grid DiT's grid)."""
     c = model.config.in_channels
     if isinstance(model, TokenDiT):
         m = model.config.num_tokens
-        ok = z.ndim == 2 and z.shape[1] == c and (m == 0 or z.shape[0] == m)
-        want = f"({m or 'm'}, {c})" + (" (model.num_tokens)" if m else "")
+        ok = z.ndim == 2 and tuple(z.shape) == (m, c)
+        want = f"({m}, {c}) (model.num_tokens, model.in_channels)"
     else:
         r = model.config.resolution
         ok = tuple(z.shape) == (c, r, r, r)
@@ -106,28 +105,26 @@ def _build_model(cls):
     return build
 
 
-_ENCODERS: dict = {}
+def build_frozen(cfg: "ExperimentConfig", device: torch.device) -> ImageConditioner | None:
+    """The frozen DINOv2 encoder of an image-conditioned DiT (None otherwise), once per run."""
+    if cfg.model.cond != "image":
+        return None
+    enc = ImageConditioner.from_pretrained(cfg.data.image_encoder).to(device).eval()
+    if enc.cond_dim != cfg.model.cond_dim:
+        raise ValueError(f"{cfg.data.image_encoder}: gives {enc.cond_dim}-dim tokens, model.cond_dim is "
+                         f"{cfg.model.cond_dim}")
+    return enc
 
 
-def image_tokens(images: torch.Tensor, cfg: "ExperimentConfig") -> torch.Tensor:
+def image_tokens(images: torch.Tensor, encoder: ImageConditioner) -> torch.Tensor:
     """RGBA views ``(b, H, W, 4)`` uint8 -> frozen DINOv2 tokens ``(b, l, cond_dim)`` on their device."""
-    from shapeflow.models.conditioning import ImageConditioner
-
-    key = (cfg.data.image_encoder, str(images.device))
-    if key not in _ENCODERS:
-        enc = ImageConditioner.from_pretrained(cfg.data.image_encoder).to(images.device).eval()
-        if enc.cond_dim != cfg.model.cond_dim:
-            raise ValueError(f"{cfg.data.image_encoder}: gives {enc.cond_dim}-dim tokens, model.cond_dim is "
-                             f"{cfg.model.cond_dim}")
-        _ENCODERS[key] = enc
-    enc = _ENCODERS[key]
-    pixels = enc.preprocess([im.cpu().numpy() for im in images]).to(images.device)
-    return enc(pixels)
+    pixels = encoder.preprocess([im.cpu().numpy() for im in images]).to(images.device)
+    return encoder(pixels)
 
 
-def _cond(batch: dict, cfg: "ExperimentConfig"):
+def _cond(batch: dict, cfg: "ExperimentConfig", frozen: ImageConditioner | None):
     if cfg.model.cond == "image":
-        return image_tokens(batch["image"], cfg)
+        return image_tokens(batch["image"], frozen)
     return batch["label"] if cfg.model.cond == "class" else None
 
 
@@ -135,35 +132,36 @@ def _null(cfg: "ExperimentConfig"):
     return cfg.model.num_classes if cfg.model.cond == "class" else None
 
 
-def loss(model: nn.Module, batch: dict, cfg: "ExperimentConfig", step: int):
+def loss(model: nn.Module, batch: dict, cfg: "ExperimentConfig", step: int, frozen=None):
     x1 = unwrap(model).normalize_latents(batch["latent"].float())
-    value, logs = flow_matching_loss(model, x1, _cond(batch, cfg), config=cfg.objective, null_cond=_null(cfg))
-    return value, {"mse": logs["mse"]}  # binned terms vary per batch; validation reports them
+    value, _ = flow_matching_loss(model, x1, _cond(batch, cfg, frozen), config=cfg.objective, null_cond=_null(cfg))
+    return value, {"mse": value.detach()}  # the per-time-band terms vary per batch; validation reports them
 
 
 @torch.no_grad()
-def validate(model: nn.Module, loader: Iterable, cfg: "ExperimentConfig") -> dict[str, float]:
-    """Flow-matching MSE on held-out latents with fixed noise and times, overall and per t band."""
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
+def validate(model: nn.Module, loader: Iterable, cfg: "ExperimentConfig", frozen=None) -> dict[str, float]:
+    """Flow-matching MSE on held-out latents with fixed noise and times, overall and per band of t."""
+    bins = cfg.objective.log_bins
+    sums = counts = None
     gen = torch.Generator().manual_seed(0)
-    no_dropout = FlowConfig(**{**cfg.objective.__dict__, "cond_dropout": 0.0})
+    no_dropout = dataclasses.replace(cfg.objective, cond_dropout=0.0)
     for batch in loader:
         x1 = model.normalize_latents(batch["latent"].float())
-        b = x1.shape[0]
-        _, logs = flow_matching_loss(model, x1, _cond(batch, cfg), config=no_dropout, null_cond=_null(cfg),
-                                     generator=gen)
-        for k, v in logs.items():
-            n = b if k == "mse" else 1
-            sums[k] = sums.get(k, 0.0) + v * n
-            counts[k] = counts.get(k, 0) + n
-    return {k: sums[k] / counts[k] for k in sums}
+        _, terms = flow_matching_loss(model, x1, _cond(batch, cfg, frozen), config=no_dropout,
+                                      null_cond=_null(cfg), generator=gen)
+        s, c = terms.by_time(bins)
+        sums, counts = (s, c) if sums is None else (sums + s, counts + c)
+    if sums is None:
+        return {}
+    sums, counts = sums.tolist(), counts.tolist()  # the one host read
+    out = {"mse": sum(sums) / sum(counts)}
+    out.update({f"mse_bin{k}": sums[k] / counts[k] for k in range(bins) if counts[k]})
+    return out
 
 
-def register(tasks: dict) -> None:
-    from shapeflow.train.tasks import Task
-
-    for name, cls, cfg_cls in (("token_dit", TokenDiT, TokenDiTConfig), ("grid_dit", GridDiT, GridDiTConfig)):
-        tasks[name] = Task(name=name, model_config=cfg_cls, data_config=LatentDataConfig,
-                           build_model=_build_model(cls), build_datasets=_datasets, loss=loss,
-                           validate=validate, presets=cfg_cls.PRESETS, objective_config=FlowConfig)
+TASKS = tuple(
+    Task(name=cls.kind, kind=cls.kind, model_config=cls.config_class, data_config=LatentDataConfig,
+         build_model=_build_model(cls), build_datasets=_datasets, loss=loss, validate=validate,
+         objective_config=FlowConfig, build_frozen=build_frozen)
+    for cls in (TokenDiT, GridDiT)
+)

@@ -19,10 +19,11 @@ from torch import nn
 
 from shapeflow.data.datasets import GridDataset
 from shapeflow.models.grid_losses import grid_vae_loss, occupancy_iou
-from shapeflow.models.grid_vae import PRESETS, GridVAE, GridVAEConfig
+from shapeflow.models.grid_vae import GridVAE, GridVAEConfig
+from shapeflow.train.task import Task
 
 if TYPE_CHECKING:
-    from shapeflow.config import ExperimentConfig
+    from shapeflow.train.experiment import ExperimentConfig
 
 
 @dataclass(frozen=True)
@@ -51,23 +52,23 @@ def build_datasets(cfg: "ExperimentConfig"):
     return train, (val if val is not None and len(val) else None)
 
 
-def loss(model: nn.Module, batch: dict, cfg: "ExperimentConfig", step: int):
+def loss(model: nn.Module, batch: dict, cfg: "ExperimentConfig", step: int, frozen=None):
     value, logs = grid_vae_loss(model, batch, cfg.model)
     return value, {k: v for k, v in logs.items() if k != "loss"}
 
 
 @torch.no_grad()
-def validate(model: GridVAE, loader: Iterable, cfg: "ExperimentConfig") -> dict[str, float]:
+def validate(model: GridVAE, loader: Iterable, cfg: "ExperimentConfig", frozen=None) -> dict[str, float]:
     sums: dict[str, float] = {}
     n = 0
     for batch in loader:
         x = batch["grid"].float()
         out = model.decode(model.encode(x).mode(), size=tuple(x.shape[2:]))
-        if model.cfg.input == "occupancy":
+        if model.config.input == "occupancy":
             iou = occupancy_iou(out, x)
         else:
             iou = occupancy_iou(-out, (x < 0).float())  # inside = sdf < 0
-        _, logs = grid_vae_loss(model, batch, model.cfg, generator=torch.Generator().manual_seed(0))
+        _, logs = grid_vae_loss(model, batch, model.config, generator=torch.Generator().manual_seed(0))
         b = x.shape[0]
         sums["iou"] = sums.get("iou", 0.0) + iou.sum().item()
         for k, v in logs.items():
@@ -77,9 +78,5 @@ def validate(model: GridVAE, loader: Iterable, cfg: "ExperimentConfig") -> dict[
     return {k: v / n for k, v in sums.items()}
 
 
-def register(tasks: dict) -> None:
-    from shapeflow.train.tasks import Task
-
-    tasks["grid_vae"] = Task(name="grid_vae", model_config=GridVAEConfig, data_config=GridDataConfig,
-                             build_model=build_model, build_datasets=build_datasets, loss=loss,
-                             validate=validate, presets=PRESETS)
+TASK = Task(name="grid_vae", kind=GridVAE.kind, model_config=GridVAEConfig, data_config=GridDataConfig,
+            build_model=build_model, build_datasets=build_datasets, loss=loss, validate=validate)

@@ -1,7 +1,8 @@
 """Training task of the VecSet VAE: data, loss and validation glue for the generic loop.
 
 * data: :class:`shapeflow.data.datasets.VecSetDataset` over a ``shapeflow preprocess`` folder (surface
-  subsample with its sharp subset, SDF-labelled queries with their point group);
+  subsample with its sharp subset, of the model's ``surface_points`` + ``sharp_points``; SDF-labelled
+  queries with their point group);
 * objective: :class:`shapeflow.models.vecset_losses.VecSetLossConfig` (``objective:`` section);
 * validation: per shape, volume IoU of ``field < 0`` vs ``sdf < 0`` on the uniform queries (volume IoU)
   and on the near-surface queries, and, when ``data.val_mesh_resolution > 0``, a mesh decoded from the
@@ -20,20 +21,22 @@ import numpy as np
 import torch
 from torch import nn
 
+from shapeflow import metrics
 from shapeflow.data.datasets import VecSetDataset
+from shapeflow.decode import latents_to_mesh
+from shapeflow.geometry.marching_cubes import EmptySurfaceError
 from shapeflow.models.vecset_losses import VecSetLossConfig, vecset_vae_loss
-from shapeflow.models.vecset_vae import PRESETS, VecSetVAE, VecSetVAEConfig
+from shapeflow.models.vecset_vae import VecSetVAE, VecSetVAEConfig
+from shapeflow.train.task import Task
 
 if TYPE_CHECKING:
-    from shapeflow.config import ExperimentConfig
+    from shapeflow.train.experiment import ExperimentConfig
 
 
 @dataclass(frozen=True)
 class VecSetDataConfig:
     root: str = "data/prep"  # a `shapeflow preprocess` output folder
-    n_surface: int = 4096  # uniform surface points per item (encoder input)
-    n_sharp: int = 1024  # sharp-edge surface points per item (appended; uniform fill when a shape has none)
-    n_queries: int = 4096  # SDF-labelled query points per item
+    n_queries: int = 4096  # SDF-labelled query points per item (the encoder input counts are the model's)
     query_fractions: tuple[float, float, float] = (0.4, 0.3, 0.3)  # uniform / near fine / near coarse
     val_fraction: float = 0.1  # share of objects held out (by id hash)
     split_seed: int = 0  # seed of the id-hash split
@@ -46,8 +49,8 @@ def build_model(cfg: "ExperimentConfig") -> nn.Module:
 
 
 def build_datasets(cfg: "ExperimentConfig"):
-    d = cfg.data
-    common = dict(n_surface=d.n_surface, n_sharp=d.n_sharp, n_queries=d.n_queries,
+    d, m = cfg.data, cfg.model
+    common = dict(surface_points=m.surface_points, sharp_points=m.sharp_points, n_queries=d.n_queries,
                   query_fractions=d.query_fractions, val_fraction=d.val_fraction, split_seed=d.split_seed)
     train = VecSetDataset(d.root, split="train", **common)
     if len(train) == 0:
@@ -56,19 +59,16 @@ def build_datasets(cfg: "ExperimentConfig"):
     return train, (val if val is not None and len(val) else None)
 
 
-def loss(model: nn.Module, batch: dict, cfg: "ExperimentConfig", step: int):
+def loss(model: nn.Module, batch: dict, cfg: "ExperimentConfig", step: int, frozen=None):
     return vecset_vae_loss(model, batch, cfg.objective)
 
 
 @torch.no_grad()
-def validate(model: VecSetVAE, loader: Iterable, cfg: "ExperimentConfig") -> dict[str, float]:
-    from shapeflow import metrics
-    from shapeflow.decode import latents_to_mesh
-
+def validate(model: VecSetVAE, loader: Iterable, cfg: "ExperimentConfig", frozen=None) -> dict[str, float]:
     d = cfg.data
     # with a list of training token counts, validate at the model's own count (as the encode below does)
-    objective = (dataclasses.replace(cfg.objective, num_latents=None)
-                 if isinstance(cfg.objective.num_latents, tuple) else cfg.objective)
+    objective = (dataclasses.replace(cfg.objective, num_tokens=None)
+                 if isinstance(cfg.objective.num_tokens, tuple) else cfg.objective)
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
 
@@ -96,7 +96,7 @@ def validate(model: VecSetVAE, loader: Iterable, cfg: "ExperimentConfig") -> dic
                 scale = float(np.ptp(gt_pts, axis=0).max())
                 try:
                     v, f, _ = latents_to_mesh(model, z[i:i + 1], d.val_mesh_resolution)
-                except ValueError:  # no surface decoded: worst scores
+                except EmptySurfaceError:  # no surface decoded: worst scores
                     add("f_score", 0.0)
                     add("empty_mesh", 1.0)
                     continue
@@ -112,10 +112,6 @@ def validate(model: VecSetVAE, loader: Iterable, cfg: "ExperimentConfig") -> dic
     return {k: sums[k] / counts[k] for k in sums}
 
 
-def register(tasks: dict) -> None:
-    from shapeflow.train.tasks import Task
-
-    tasks["vecset_vae"] = Task(
-        name="vecset_vae", model_config=VecSetVAEConfig, data_config=VecSetDataConfig,
-        build_model=build_model, build_datasets=build_datasets, loss=loss, validate=validate,
-        presets=PRESETS, objective_config=VecSetLossConfig)
+TASK = Task(name="vecset_vae", kind=VecSetVAE.kind, model_config=VecSetVAEConfig, data_config=VecSetDataConfig,
+            build_model=build_model, build_datasets=build_datasets, loss=loss, validate=validate,
+            objective_config=VecSetLossConfig)

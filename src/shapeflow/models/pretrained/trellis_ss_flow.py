@@ -1,15 +1,15 @@
-"""TRELLIS's released sparse-structure flow model (``ss_flow_img_dit_L_16l8_fp16``) as a :class:`GridDiT`.
+"""TRELLIS's released sparse-structure flow model (``ss_flow_img_dit_L_16l8_fp16``) -> a
+:class:`~shapeflow.models.dit.GridDiT` config and state dict.
 
 TRELLIS (Xiang et al. 2024, arXiv 2412.01506) ships ``ckpts/ss_flow_img_dit_L_16l8_fp16.json``
 (``{"name": "SparseStructureFlowModel", "args": {...}}``) and the matching ``.safetensors`` (fp16).
-:func:`load_trellis_grid_dit` builds the :class:`~shapeflow.models.dit.GridDiT` of that config and
-loads the weights strictly (fp16 -> fp32). By default (``convention="shapeflow"``, also what
-``GridDiT.from_pretrained`` and :func:`load_trellis_ss_flow` return) the time flip and the sign flip
-below are folded into the weights, so the result is an ordinary shapeflow velocity model: it samples
-with :func:`shapeflow.sampling.sample` and fine-tunes with :func:`shapeflow.flow.flow_matching_loss`
-unchanged. ``convention="trellis"`` keeps TRELLIS's weights as stored (its forward then equals
-TRELLIS's ``forward(x, t' * 1000, cond)`` given ``t'``); :class:`TrellisFlowAdapter` wraps such a
-model at run time instead.
+:func:`convert` reads both (fp16 -> fp32); ``GridDiT.from_pretrained(prefix)`` builds and loads the model
+strictly. By default (``convention="shapeflow"``) the time flip and the sign flip below are folded into
+the weights, so the result is an ordinary shapeflow velocity model: it samples with
+:func:`shapeflow.sampling.sample` and fine-tunes with :func:`shapeflow.flow.flow_matching_loss`
+unchanged. ``convention="trellis"`` keeps TRELLIS's weights as stored (the model's forward then equals
+TRELLIS's ``forward(x, t' * 1000, cond)`` given ``t'``); :class:`TrellisFlowAdapter` wraps such a model at
+run time instead.
 
 Key mapping (TRELLIS -> shapeflow); every other key has the same name in both:
 
@@ -44,9 +44,8 @@ noise coefficient, which TRELLIS's own Euler sampler also ignores). Then
 
 Folding it into the weights (:func:`fold_trellis_convention`, exact up to float rounding): the sign is
 ``out_layer`` negated; for the time, the sinusoid of ``1000 (1 - t)`` is a fixed rotation of the
-sinusoid of ``1000 t`` per frequency ``f`` (with ``A = 1000 f``, ``B = 1000 t f``:
-``cos(A - B) = cos A cos B + sin A sin B``, ``sin(A - B) = sin A cos B - cos A sin B``), which is
-absorbed into the columns of ``t_embedder.mlp.0.weight``.
+sinusoid of ``1000 t`` per frequency, absorbed into the columns of ``t_embedder.mlp.0.weight``
+(:func:`shapeflow.nn.embeddings.reverse_time_weight`).
 
 With this,
 :func:`shapeflow.sampling.sample` with ``method="euler"`` reproduces TRELLIS's ``FlowEulerSampler``
@@ -65,24 +64,27 @@ import json
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from shapeflow.models.dit import GridDiT, GridDiTConfig, sincos_3d_position_embedding
+from shapeflow.checkpoint import Release, ReleaseFormat
+from shapeflow.nn.embeddings import reverse_time_weight, sincos_3d_position_embedding
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "FORMAT",
     "TRELLIS_KEY_MAP",
     "TRELLIS_SAMPLER_DEFAULTS",
     "TrellisFlowAdapter",
+    "convert",
     "convert_trellis_state_dict",
+    "detect",
     "fold_trellis_convention",
     "grid_dit_config_from_trellis",
-    "is_trellis_checkpoint",
-    "load_trellis_grid_dit",
-    "load_trellis_ss_flow",
 ]
 
 # Per-block key renames (regex on the full key -> replacement); all other keys keep their names.
@@ -115,8 +117,8 @@ def convert_trellis_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torc
     return out
 
 
-def grid_dit_config_from_trellis(obj: dict, *, source: str = "TRELLIS config") -> GridDiTConfig:
-    """:class:`GridDiTConfig` of a TRELLIS ``{"name": "SparseStructureFlowModel", "args": {...}}`` JSON."""
+def grid_dit_config_from_trellis(obj: dict, *, source: str = "TRELLIS config") -> dict[str, Any]:
+    """:class:`GridDiTConfig` fields of a TRELLIS ``{"name": "SparseStructureFlowModel", "args": {...}}`` JSON."""
     if obj.get("name") != "SparseStructureFlowModel":
         raise ValueError(f"{source}: model name is {obj.get('name')!r}, expected 'SparseStructureFlowModel'")
     args = dict(obj.get("args", {}))
@@ -136,7 +138,7 @@ def grid_dit_config_from_trellis(obj: dict, *, source: str = "TRELLIS config") -
     if args.get("share_mod", False):
         raise ValueError(f"{source}: share_mod=true is not supported (the released v1 configs use false)")
     heads = args.get("num_heads") or args["model_channels"] // args.get("num_head_channels", 64)
-    return GridDiTConfig(
+    return dict(
         resolution=args["resolution"], in_channels=args["in_channels"], width=args["model_channels"],
         depth=args["num_blocks"], heads=heads, mlp_ratio=float(args.get("mlp_ratio", 4)),
         patch_size=args.get("patch_size", 2), cond="image", cond_dim=args["cond_channels"],
@@ -168,29 +170,20 @@ def is_trellis_checkpoint(path) -> bool:
 
 
 @torch.no_grad()
-def fold_trellis_convention(model: GridDiT) -> GridDiT:
-    """Rewrite a TRELLIS-convention :class:`GridDiT` in place so ``model(x, t) == -trellis(x, 1000 (1 - t))``.
+def fold_trellis_convention(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A TRELLIS-convention GridDiT state dict rewritten so that ``model(x, t) == -trellis(x, 1000 (1 - t))``.
 
     Negates ``out_layer`` and rotates the columns of ``t_embedder.mlp.0.weight`` (module docstring).
     """
-    emb = model.t_embedder
-    half = emb.freq_dim // 2
-    freqs = torch.exp(-torch.log(torch.tensor(emb.max_period, dtype=torch.float64))
-                      * torch.arange(half, dtype=torch.float64) / half)
-    a = emb.time_scale * freqs  # angle of t = 1
-    cos_a, sin_a = torch.cos(a), torch.sin(a)
-    w = emb.mlp[0].weight.double()
-    w_cos, w_sin = w[:, :half], w[:, half:]  # columns acting on cos(B) and sin(B) features
-    new_cos = w_cos * cos_a + w_sin * sin_a
-    new_sin = w_cos * sin_a - w_sin * cos_a
-    emb.mlp[0].weight.copy_(torch.cat([new_cos, new_sin], dim=1).to(emb.mlp[0].weight.dtype))
-    model.out_layer.weight.neg_()
-    model.out_layer.bias.neg_()
-    return model
+    out = dict(state)
+    out["t_embedder.mlp.0.weight"] = reverse_time_weight(state["t_embedder.mlp.0.weight"])
+    out["out_layer.weight"] = -state["out_layer.weight"]
+    out["out_layer.bias"] = -state["out_layer.bias"]
+    return out
 
 
-def load_trellis_grid_dit(path, *, convention: str = "shapeflow") -> GridDiT:
-    """A :class:`GridDiT` with TRELLIS's sparse-structure flow weights.
+def convert(path: str | Path, *, convention: str = "shapeflow") -> Release:
+    """TRELLIS's sparse-structure flow files as a :class:`~shapeflow.checkpoint.Release`.
 
     Parameters
     ----------
@@ -200,13 +193,8 @@ def load_trellis_grid_dit(path, *, convention: str = "shapeflow") -> GridDiT:
 
     Raises
     ------
-    FileNotFoundError if either file is missing; ``ValueError`` for an unsupported config or
-    missing / unexpected / mis-shaped keys (listed).
+    FileNotFoundError if either file is missing; ``ValueError`` for an unsupported config.
     """
-    from safetensors.torch import load_file
-
-    from shapeflow.train.checkpoint import check_state_dict
-
     if convention not in ("shapeflow", "trellis"):
         raise ValueError(f"convention must be 'shapeflow' or 'trellis', got {convention!r}")
     js, st = _pair(path)
@@ -218,21 +206,27 @@ def load_trellis_grid_dit(path, *, convention: str = "shapeflow") -> GridDiT:
     except json.JSONDecodeError as err:
         raise ValueError(f"{js}: invalid JSON ({err})") from None
     cfg = grid_dit_config_from_trellis(obj, source=str(js))
-    model = GridDiT(cfg)
-    state = convert_trellis_state_dict(load_file(str(st)))
+    raw = load_file(str(st))
+    state = convert_trellis_state_dict(raw)
     # TRELLIS' sparse-structure latents are not normalised (``normalization: null``): identity buffers.
     for key in ("latent_mean", "latent_std"):
         if key in state:
             raise ValueError(f"{st}: unexpected key {key!r} in a TRELLIS checkpoint")
-        state[key] = model.state_dict()[key].clone()
-    check_state_dict(model.state_dict(), state, str(st))
-    model.load_state_dict(state, strict=True)
-    expected = sincos_3d_position_embedding(cfg.resolution // cfg.patch_size, cfg.width)
-    diff = (model.pos_emb - expected).abs().max().item()
-    if diff > 1e-2:
-        log.warning("%s: stored pos_emb differs from the 3D sin-cos formula by %.3g (using the stored one)",
-                    st, diff)
-    return fold_trellis_convention(model) if convention == "shapeflow" else model
+    state["latent_mean"] = torch.zeros(cfg["in_channels"])
+    state["latent_std"] = torch.ones(cfg["in_channels"])
+    if "pos_emb" in state:
+        expected = sincos_3d_position_embedding(cfg["resolution"] // cfg["patch_size"], cfg["width"])
+        if state["pos_emb"].shape == expected.shape and (state["pos_emb"] - expected).abs().max().item() > 1e-2:
+            log.warning("%s: stored pos_emb differs from the 3D sin-cos formula (using the stored one)", st)
+    if convention == "shapeflow":
+        state = fold_trellis_convention(state)
+    names = {convert_trellis_state_dict({k: v}).popitem()[0]: k for k, v in raw.items()}
+    return Release(config=cfg, state=state, source=str(st), names=names)
+
+
+def detect(path: Path) -> bool:
+    """True if ``path`` (prefix, ``.json`` or ``.safetensors``) names a TRELLIS flow json/safetensors pair."""
+    return is_trellis_checkpoint(path)
 
 
 class TrellisFlowAdapter(nn.Module):
@@ -241,12 +235,12 @@ class TrellisFlowAdapter(nn.Module):
     ``forward(x, t, cond) = -model(x, 1 - t, cond)`` with ``t`` in [0, 1], 0 = noise (module docstring).
     """
 
-    def __init__(self, model: GridDiT):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     @property
-    def config(self) -> GridDiTConfig:
+    def config(self):
         return self.model.config
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond=None) -> torch.Tensor:
@@ -254,6 +248,4 @@ class TrellisFlowAdapter(nn.Module):
         return -self.model(x, 1.0 - t, cond)
 
 
-def load_trellis_ss_flow(path) -> GridDiT:
-    """TRELLIS's sparse-structure flow model in shapeflow's convention (for :mod:`shapeflow.sampling`)."""
-    return load_trellis_grid_dit(path, convention="shapeflow")
+FORMAT = ReleaseFormat("TRELLIS sparse-structure flow", detect, convert)

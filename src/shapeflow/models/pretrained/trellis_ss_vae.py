@@ -1,4 +1,4 @@
-"""Load TRELLIS's released sparse-structure VAE into :class:`~shapeflow.models.grid_vae.GridVAE`.
+"""TRELLIS's released sparse-structure VAE -> a :class:`~shapeflow.models.grid_vae.GridVAE` config and state dict.
 
 Released files (HF ``microsoft/TRELLIS-image-large``, ``ckpts/``; also reused by TRELLIS.2):
 ``ss_enc_conv3d_16l8_fp16.{json,safetensors}`` and ``ss_dec_conv3d_16l8_fp16.{json,safetensors}``.
@@ -12,8 +12,7 @@ Facts this loader relies on (``shared/reference/sparse_voxel.md`` §1; TRELLIS @
   ``"layer"``) and ``use_fp16``; ``<prefix>.safetensors`` is the flat state dict.
 * Key names are the module paths of TRELLIS's encoder/decoder, which :class:`GridVAE`'s ``encoder`` /
   ``decoder`` reproduce, so the map is ``k -> "encoder." + k`` (or ``"decoder." + k``) with no renames.
-  Checked strictly per file: missing / unexpected keys and shape mismatches raise one error listing
-  them in TRELLIS's own key names.
+  The strict load lists missing / unexpected keys and shape mismatches in TRELLIS's own key names.
 * ``blocks.*`` and ``middle_block.*`` conv tensors are stored in fp16 (``use_fp16``), everything else in
   fp32; all are cast to fp32 (the model runs in fp32).
 * Every released configuration uses ``norm_type="layer"``. TRELLIS builds its ResBlocks without passing
@@ -29,14 +28,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
-from shapeflow.models.grid_vae import GridVAE, GridVAEConfig
-from shapeflow.train.checkpoint import load_state_dict_strict
+from shapeflow.checkpoint import Release, ReleaseFormat
 
-__all__ = ["ENCODER_NAME", "DECODER_NAME", "read_trellis_checkpoint", "config_from_trellis_args",
-           "load_trellis_ss_vae"]
+__all__ = ["FORMAT", "ENCODER_NAME", "DECODER_NAME", "detect", "convert", "read_trellis_checkpoint",
+           "config_from_trellis_args"]
 
 ENCODER_NAME = "SparseStructureEncoder"
 DECODER_NAME = "SparseStructureDecoder"
@@ -86,8 +86,6 @@ def read_trellis_checkpoint(
         raise ValueError(
             f"{jf}: model {name!r} is not a TRELLIS sparse-structure VAE ({ENCODER_NAME} / {DECODER_NAME})"
         )
-    from safetensors.torch import load_file
-
     sf = prefix.with_name(prefix.name + ".safetensors")
     try:
         state = load_file(str(sf), device=str(map_location))
@@ -114,11 +112,12 @@ def _check_args(args: dict, allowed: set[str], required: set[str], source: str) 
 
 def config_from_trellis_args(
     encoder_args: dict | None, decoder_args: dict | None, *, source: str = "TRELLIS checkpoint"
-) -> GridVAEConfig:
-    """:class:`GridVAEConfig` equivalent to TRELLIS's encoder and/or decoder constructor args.
+) -> dict[str, Any]:
+    """:class:`GridVAEConfig` fields equivalent to TRELLIS's encoder and/or decoder constructor args.
 
-    The result describes 64^3 occupancy with TRELLIS's training loss (``"dice"``, KL weight 1e-3).
-    The two halves must agree on ``latent_channels``, ``num_res_blocks`` and ``num_res_blocks_middle``.
+    The result describes 64^3 occupancy with TRELLIS's training loss (``"dice"``, KL weight 1e-3); decoder
+    args alone give a decoder-only model. The two halves must agree on ``latent_channels``,
+    ``num_res_blocks`` and ``num_res_blocks_middle``.
     """
     if encoder_args is None and decoder_args is None:
         raise ValueError("config_from_trellis_args needs the encoder args, the decoder args or both")
@@ -140,7 +139,7 @@ def config_from_trellis_args(
     dec_channels = None
     if dec is not None and tuple(dec["channels"]) != tuple(reversed(channels)):
         dec_channels = tuple(dec["channels"])
-    return GridVAEConfig(
+    return dict(
         **base,
         in_channels=int(enc["in_channels"]) if enc is not None else 1,
         out_channels=int(dec["out_channels"]) if dec is not None else 1,
@@ -149,6 +148,7 @@ def config_from_trellis_args(
         decoder_channels=dec_channels,
         num_res_blocks=int(ref["num_res_blocks"]),
         num_res_blocks_middle=int(ref["num_res_blocks_middle"]),
+        decoder_only=enc is None,
     )
 
 
@@ -159,10 +159,26 @@ def _sibling_decoder(prefix: Path) -> Path | None:
     return cand if cand.with_name(cand.name + ".json").is_file() else None
 
 
-def load_trellis_ss_vae(
-    path: str | Path, decoder_path: str | Path | None = None, *, map_location: str | torch.device = "cpu"
-) -> GridVAE:
-    """Build a :class:`GridVAE` from TRELLIS's sparse-structure encoder and/or decoder files.
+def detect(path: Path) -> bool:
+    """Whether ``path`` (a prefix, or its ``.json`` / ``.safetensors``) is a TRELLIS ``{name, args}`` model file
+    other than the sparse-structure flow model: the VAE halves convert, any other TRELLIS model (e.g.
+    ``SLatEncoder``) is then refused by :func:`convert` with its name."""
+    path = Path(path)
+    if path.is_dir():
+        return False
+    stem = path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
+    js = stem.with_name(stem.name + ".json")
+    try:
+        meta = json.loads(js.read_text(encoding="utf-8")) if js.is_file() else None
+    except (json.JSONDecodeError, OSError):
+        return False
+    return (isinstance(meta, dict) and isinstance(meta.get("args"), dict)
+            and meta.get("name") != "SparseStructureFlowModel")
+
+
+def convert(path: str | Path, decoder_path: str | Path | None = None, *,
+            map_location: str | torch.device = "cpu") -> Release:
+    """TRELLIS's sparse-structure encoder and/or decoder files as a :class:`~shapeflow.checkpoint.Release`.
 
     Parameters
     ----------
@@ -170,28 +186,27 @@ def load_trellis_ss_vae(
     decoder_path : prefix of the decoder when ``path`` is the encoder; defaults to the ``ss_enc_`` ->
         ``ss_dec_`` sibling of ``path``.
 
-    Returns
-    -------
-    GridVAE in fp32, eval mode. ``encode(x).mode()`` equals TRELLIS's ``encoder(x)`` (posterior mean)
-    and ``decode(z)`` TRELLIS's ``decoder(z)`` logits, up to float32 rounding.
+    The loaded model's ``encode(x).mode()`` equals TRELLIS's ``encoder(x)`` (posterior mean) and
+    ``decode(z)`` TRELLIS's ``decoder(z)`` logits, up to float32 rounding (fp16 tensors become fp32).
     """
     name, args, state = read_trellis_checkpoint(path, map_location=map_location)
     src = str(_prefix(path))
     if name == DECODER_NAME:
         if decoder_path is not None:
             raise ValueError(f"{src}: is a decoder; pass the encoder as path and the decoder as decoder_path")
-        cfg = config_from_trellis_args(None, args, source=src)
-        model = GridVAE(cfg, with_encoder=False)
-        load_state_dict_strict(model.decoder, state, source=f"{src}.safetensors")
-        return model.eval()
+        return Release(config=config_from_trellis_args(None, args, source=src),
+                       state={f"decoder.{k}": v for k, v in state.items()}, source=f"{src}.safetensors",
+                       names={f"decoder.{k}": k for k in state})
     dec_prefix = Path(decoder_path) if decoder_path is not None else _sibling_decoder(_prefix(path))
     if dec_prefix is None:
         raise FileNotFoundError(f"{src}: encoder without a decoder; pass decoder_path=.../ss_dec_... ")
     dname, dargs, dstate = read_trellis_checkpoint(dec_prefix, map_location=map_location)
     if dname != DECODER_NAME:
         raise ValueError(f"{_prefix(dec_prefix)}: expected a {DECODER_NAME}, found {dname}")
-    cfg = config_from_trellis_args(args, dargs, source=src)
-    model = GridVAE(cfg)
-    load_state_dict_strict(model.encoder, state, source=f"{src}.safetensors")
-    load_state_dict_strict(model.decoder, dstate, source=f"{_prefix(dec_prefix)}.safetensors")
-    return model.eval()
+    merged = {**{f"encoder.{k}": v for k, v in state.items()}, **{f"decoder.{k}": v for k, v in dstate.items()}}
+    return Release(config=config_from_trellis_args(args, dargs, source=src), state=merged,
+                   source=f"{src}.safetensors + {_prefix(dec_prefix)}.safetensors",
+                   names={k: k.split(".", 1)[1] for k in merged})
+
+
+FORMAT = ReleaseFormat("TRELLIS sparse-structure VAE", detect, convert)

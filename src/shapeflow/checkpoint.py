@@ -1,11 +1,21 @@
-"""Checkpoint directories: safetensors weights + resolved config + resumable training state.
+"""THE checkpoint format: a model family ``kind`` + its config + safetensors weights, and training runs.
 
-Layout::
+A model directory (what ``save_pretrained`` writes, and every training checkpoint)::
+
+    config.json         {"kind": "vecset_vae", "model": {...every config field...}, ...}
+    model.safetensors   the weights, keys = model.state_dict(), float32
+
+``kind`` names the model family: a key of :data:`shapeflow.models.MODELS`, the one registry
+``{kind: (ConfigClass, ModelClass)}``. Training checkpoints write the resolved experiment config
+(``task``, ``data``, ``train``, ``objective``, ``out_dir`` besides ``kind`` and ``model``); inference reads
+only ``kind`` and ``model``. Files of older shapeflow versions name the family by ``task`` instead.
+
+A training run (:mod:`shapeflow.train.loop`)::
 
     <out_dir>/checkpoints/step_00001000/
         model.safetensors   # the trained weights (full, unsharded, fp32), keys = model.state_dict()
         ema.safetensors     # EMA of the weights (when train.ema), same keys
-        config.json         # the resolved ExperimentConfig; the model config is under "model"
+        config.json         # the resolved experiment config (above)
         state.pt            # optimizer (parameter-name keyed), step, RNG states of every rank,
                             # data position; loadable with torch.load(weights_only=True)
     <out_dir>/checkpoints/latest         # text: "step_00001000", written last
@@ -13,15 +23,21 @@ Layout::
 
 Design choices:
 
-* Atomic: everything is written into ``checkpoints/.tmp-step_XXXXXXXX-<pid>/`` and renamed onto the
-  final name in one ``os.rename``; the ``latest`` pointer is replaced atomically afterwards. A killed
-  writer leaves at most a ``.tmp-*`` folder (removed by :func:`clean_stale`), never a partial
-  ``step_*`` folder, and ``latest`` always names a complete checkpoint.
+* Every model family loads and saves through :class:`Pretrained` (``from_pretrained`` / ``save_pretrained``):
+  the config is rebuilt with :func:`shapeflow.config.build` (strict; a ``preset`` key expands; fields an
+  older file lacks take their defaults with a log line; renamed fields are patched explicitly by the
+  family's ``upgrade_config``), and the weights load strictly.
+* Public weights of other projects (Hunyuan3D, TRELLIS) are recognised by a family's ``releases``: small
+  converters (:mod:`shapeflow.models.pretrained`) that turn the released files into this format's two
+  halves, a config dict and a state dict in shapeflow's names and conventions. Nothing else differs.
+* Atomic: a training checkpoint is written into ``checkpoints/.tmp-step_XXXXXXXX-<pid>/`` and renamed
+  onto the final name in one ``os.rename``; the ``latest`` pointer is replaced atomically afterwards. A
+  killed writer leaves at most a ``.tmp-*`` folder (removed by :func:`clean_stale`), never a partial
+  ``step_*`` folder, and ``latest`` always names a complete checkpoint. ``save_pretrained`` writes each
+  file atomically.
 * Only rank 0 writes; callers gather full (unsharded) state dicts first.
-* Weights never load non-strictly: :func:`load_weights` raises one line listing missing /
-  unexpected keys and shape mismatches.
-* The inference contract (``Model.from_pretrained(dir)``): ``config.json`` with the model config under
-  ``"model"`` plus ``model.safetensors``, in both step directories and ``final/``.
+* Weights never load non-strictly: a missing, unexpected or mis-shaped key is a :class:`CheckpointError`
+  listing them, in the source file's own key names for converted releases.
 """
 
 from __future__ import annotations
@@ -31,8 +47,9 @@ import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, ClassVar, Literal, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -40,6 +57,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from shapeflow import fileio
+from shapeflow.config import build, preset, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +123,18 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"{path}: checkpoint not found")
     raise CheckpointError(f"{path}: not a checkpoint (expected config.json + model.safetensors, "
                           f"or a run directory with {CHECKPOINTS}/{LATEST})")
+
+
+def model_dir(path: str | os.PathLike) -> Path:
+    """The directory an inference load reads: a run's exported ``final/`` when it exists, else
+    :func:`resolve_checkpoint` (a model or step directory, a run's latest checkpoint); a
+    ``model.safetensors`` / ``ema.safetensors`` file stands for its directory."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors" and (path.parent / "config.json").is_file():
+        path = path.parent
+    if (path / FINAL / "config.json").is_file():
+        path = path / FINAL
+    return resolve_checkpoint(path)
 
 
 def clean_stale(out_dir: str | os.PathLike) -> None:
@@ -332,3 +362,133 @@ def load_train_state(path: str | os.PathLike) -> dict[str, Any]:
     except Exception as e:  # corrupt file or foreign pickle content: one line, not a pickle traceback
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{file}: cannot read training state: {first}") from None
+
+
+# -------------------------------------------------------------------------------------------------
+# models: kind + config + weights
+# -------------------------------------------------------------------------------------------------
+
+
+def model_kind(raw: Mapping[str, Any]) -> str | None:
+    """The model family a ``config.json`` names: ``"kind"``, or ``"task"`` in files of older versions."""
+    kind = raw.get("kind", raw.get("task"))
+    return kind if isinstance(kind, str) else None
+
+
+def read_model_kind(path: str | os.PathLike) -> str:
+    """The ``kind`` of the model checkpoint at ``path`` (see :func:`model_dir`); an error when it has none."""
+    ckpt = model_dir(path)
+    kind = model_kind(read_config(ckpt))
+    if kind is None:
+        raise CheckpointError(f"{ckpt / 'config.json'}: names no model kind")
+    return kind
+
+
+def write_model(directory: str | os.PathLike, kind: str, config: Any, state: Mapping[str, torch.Tensor]) -> Path:
+    """Write ``directory/config.json`` (``{"kind", "model"}``) and ``directory/model.safetensors``, each atomically."""
+    directory = Path(directory)
+    save_safetensors(directory / "model.safetensors", state)
+    fileio.write_json(directory / "config.json", {"kind": kind, "model": to_dict(config)})
+    return directory
+
+
+@dataclass
+class Release:
+    """Public weights of another project, converted: a config dict and a state dict in shapeflow's terms."""
+
+    config: dict[str, Any]  # fields of the family's config class
+    state: dict[str, torch.Tensor]  # shapeflow key names, shapeflow conventions (sign, time direction)
+    source: str  # the file(s) read, for messages
+    names: dict[str, str] = field(default_factory=dict)  # shapeflow key -> the key in the released file
+
+
+@dataclass(frozen=True)
+class ReleaseFormat:
+    """How to recognise and convert one released layout (a converter in :mod:`shapeflow.models.pretrained`)."""
+
+    name: str  # e.g. "Hunyuan3D ShapeVAE"
+    detect: Callable[[Path], bool]  # does this path hold the release? (cheap: file names, a config read)
+    convert: Callable[..., Release]  # path -> Release; raises FileNotFoundError / ValueError with one line
+
+
+class Pretrained:
+    """Checkpoint I/O shared by every model family (mixed into the ``nn.Module`` of each family).
+
+    A family sets ``kind`` (its key in :data:`shapeflow.models.MODELS`), ``config_class`` and, for public
+    weights, ``releases``; its ``__init__`` takes one config and stores it as ``self.config``.
+    """
+
+    kind: ClassVar[str]
+    config_class: ClassVar[type]
+    releases: ClassVar[tuple[ReleaseFormat, ...]] = ()
+    config: Any
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any):
+        """A freshly initialised model of preset ``name`` (``config_class.PRESETS``) with field ``overrides``."""
+        return cls(preset(cls.config_class, name, **overrides))
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` into ``directory`` (:func:`write_model`)."""
+        return write_model(directory, self.kind, self.config, self.state_dict())
+
+    @classmethod
+    def upgrade_config(cls, fields: dict[str, Any], raw: Mapping[str, Any], source: str) -> dict[str, Any]:
+        """Patch the model fields of a ``config.json`` written by an older version (renamed or moved
+        fields), logging each change. ``raw`` is the whole file. The default changes nothing."""
+        return fields
+
+    @classmethod
+    def config_from_checkpoint(cls, raw: Mapping[str, Any], *, source: str, **overrides: Any) -> Any:
+        """The config of a ``config.json`` (its ``"model"`` section), strictly, with field ``overrides``."""
+        kind = model_kind(raw)
+        if kind is not None and kind != cls.kind:
+            raise CheckpointError(f"{source}: holds a {kind} model, not a {cls.kind}")
+        fields = raw.get("model")
+        if not isinstance(fields, Mapping):
+            raise CheckpointError(f"{source}: no \"model\" section with the {cls.kind} config")
+        fields = cls.upgrade_config(dict(fields), raw, source)
+        return build(cls.config_class, {**fields, **overrides}, source=source, prefix="model", note_missing=True)
+
+    @classmethod
+    def from_release(cls, release: Release, **overrides: Any):
+        """The model of a converted public release, strictly loaded, in eval mode."""
+        config = build(cls.config_class, {**release.config, **overrides}, source=release.source, prefix="model")
+        model = cls(config)
+        load_state_dict_strict(model, release.state, source=release.source, names=release.names)
+        return model.eval()
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, ema: bool = False, **overrides: Any):
+        """Load a checkpoint of this family, strictly, in eval mode.
+
+        Parameters
+        ----------
+        path : a model directory (``config.json`` + ``model.safetensors``), a run directory (its ``final/``
+            export, else its latest checkpoint), a step directory, or a public release this family
+            converts (``cls.releases``, e.g. a Hunyuan3D ShapeVAE folder).
+        ema : read ``ema.safetensors`` of a training checkpoint (a ``final/`` export already holds the
+            exported weights in ``model.safetensors``).
+        **overrides : config fields to replace (e.g. ``grad_checkpointing``); fields that change tensor
+            shapes make the strict load fail.
+
+        Raises
+        ------
+        FileNotFoundError for a missing path; ``ValueError`` (``CheckpointError`` / ``ConfigError``) for a
+        malformed config or missing / unexpected / mis-shaped keys (all listed).
+        """
+        path = Path(path)
+        for release in cls.releases:
+            if release.detect(path):
+                if ema:
+                    raise CheckpointError(f"{path}: a {release.name} release has no separate EMA weights")
+                model = cls.from_release(release.convert(path), **overrides)
+                log.info("loaded %s from %s", release.name, path)
+                return model
+        ckpt = model_dir(path)
+        config = cls.config_from_checkpoint(read_config(ckpt), source=str(ckpt / "config.json"), **overrides)
+        model = cls(config)
+        exported = not (ckpt / "state.pt").is_file() and not (ckpt / "ema.safetensors").is_file()
+        which = "ema" if ema and not exported else "model"
+        load_state_dict_strict(model, read_weights(ckpt, which), source=str(ckpt / f"{which}.safetensors"))
+        return model.eval()

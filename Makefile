@@ -1,4 +1,5 @@
-# Quick start: `make demo` (main job) and `make test` (test suite). Both create .venv and install first.
+# Quick start: `make demo` (main job) and `make test` (test suite: lint + every test). Both create .venv
+# and install first. `make check` is the edit loop: lint + the tests not marked slow (about a minute).
 #
 # The CPU build of torch is installed by default so a fresh machine does not pull a multi-GB CUDA build:
 # a wheel of that version already on disk (pip's find-links) is used first, else PyTorch's CPU index.
@@ -18,7 +19,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-installed
 TORCH_SPEC := $(VENV)/.torch-spec
 
-.PHONY: setup demo test clean FORCE
+.PHONY: setup demo test check lint clean FORCE
 
 setup: $(STAMP)
 
@@ -45,8 +46,14 @@ endif
 demo: setup
 	$(BIN)/shapeflow demo $(DEMO_OUT) $(DEMO_ARGS)
 
-test: setup
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+test: lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+check: lint
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

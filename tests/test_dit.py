@@ -61,7 +61,8 @@ def _inputs(model, b=2, seed=0):
 def test_presets_and_config_errors():
     assert preset(TokenDiTConfig, "tiny").width == 128
     trellis = preset(GridDiTConfig, "trellis_ss_flow_img_L")
-    assert (trellis.resolution, trellis.width, trellis.depth, trellis.heads, trellis.patch_size) == (16, 1024, 24, 16, 1)
+    t = trellis
+    assert (t.resolution, t.width, t.depth, t.heads, t.patch_size) == (16, 1024, 24, 16, 1)
     assert trellis.num_tokens == 4096 and trellis.qk_norm == "rms" and trellis.qk_norm_cross is None
     with torch.device("meta"):
         n = GridDiT(trellis).num_params()
@@ -319,7 +320,8 @@ def _trellis_state(a: dict, seed: int = 0) -> dict[str, torch.Tensor]:
         sd.update({
             b + "norm2.weight": (1 + w(C)).half(), b + "norm2.bias": w(C),
             b + "self_attn.to_qkv.weight": w(3 * C, C), b + "self_attn.to_qkv.bias": w(3 * C),
-            b + "self_attn.q_rms_norm.gamma": (1 + w(H, hd)).half(), b + "self_attn.k_rms_norm.gamma": (1 + w(H, hd)).half(),
+            b + "self_attn.q_rms_norm.gamma": (1 + w(H, hd)).half(),
+            b + "self_attn.k_rms_norm.gamma": (1 + w(H, hd)).half(),
             b + "self_attn.to_out.weight": w(C, C), b + "self_attn.to_out.bias": w(C),
             b + "cross_attn.to_q.weight": w(C, C), b + "cross_attn.to_q.bias": w(C),
             b + "cross_attn.to_kv.weight": w(2 * C, ctx), b + "cross_attn.to_kv.bias": w(2 * C),
@@ -399,7 +401,8 @@ def test_trellis_ss_flow_loader_matches_reference(tmp_path, qk_cross, patch):
     sd = _trellis_state(a)
     prefix = tmp_path / "ckpts" / "ss_flow_img_dit_T_4l3_fp16"
     prefix.parent.mkdir()
-    (tmp_path / "ckpts" / (prefix.name + ".json")).write_text(json.dumps({"name": "SparseStructureFlowModel", "args": a}))
+    meta = {"name": "SparseStructureFlowModel", "args": a}
+    (tmp_path / "ckpts" / (prefix.name + ".json")).write_text(json.dumps(meta))
     save_file(sd, str(prefix) + ".safetensors")
     assert is_trellis_checkpoint(prefix) and is_trellis_checkpoint(str(prefix) + ".json")
 
@@ -457,7 +460,8 @@ def test_trellis_sampler_equivalence(tmp_path):
                 v = vc
             x = x - (t - t_prev) * v
         ours = sample(model, noise, steps=steps, shift=rescale, cond=cond,
-                      null_cond=torch.zeros_like(cond), cfg_scale=1 + w, cfg_interval=(1 - interval[1], 1 - interval[0]))
+                      null_cond=torch.zeros_like(cond), cfg_scale=1 + w,
+                      cfg_interval=(1 - interval[1], 1 - interval[0]))
     torch.testing.assert_close(ours, x, atol=2e-4, rtol=2e-4)
 
 

@@ -32,7 +32,7 @@ def test_append_line(tmp_path):
     p = tmp_path / "m.jsonl"
     fileio.append_line(p, '{"a": 1}')
     fileio.append_line(p, '{"a": 2}')
-    assert [json.loads(l)["a"] for l in p.read_text().splitlines()] == [1, 2]
+    assert [json.loads(line)["a"] for line in p.read_text().splitlines()] == [1, 2]
     with pytest.raises(ValueError):
         fileio.append_line(p, "two\nlines")
 

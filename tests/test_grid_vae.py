@@ -194,6 +194,7 @@ def test_channels_last_and_grad_checkpointing_do_not_change_results():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
+@pytest.mark.slow
 def test_overfit_one_batch():
     """Tiny model, 3 solid shapes at 16^3: 100 Adam steps through grid_vae_loss (posterior samples)."""
     torch.manual_seed(0)
@@ -596,6 +597,7 @@ def test_fully_convolutional_sizes_round_trip():
         m.decode(post.mode(), size=20)
 
 
+@pytest.mark.slow
 def test_overfit_sdf_grid():
     """SDF grid in, SDF grid out: 150 Adam steps on 3 analytic SDFs on a 17^3 node grid."""
     torch.manual_seed(0)

@@ -10,6 +10,7 @@ models only need to run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import os
@@ -412,7 +413,8 @@ def test_generate_cli_same_seed_same_files(root, token_dit_run, vecset_run, caps
         meta = json.loads((out / "generate.json").read_text())
         assert rc == (0 if all(meta["files"]) else 1)
         assert (out / "preview.png").stat().st_size > 0
-        assert meta["labels"] == ["mug", "mug"] and meta["seed"] == seed and meta["nfe"] == 6  # Heun (the default): 2 per step
+        # Heun (the default): 2 evaluations per step
+        assert meta["labels"] == ["mug", "mug"] and meta["seed"] == seed and meta["nfe"] == 6
         assert meta["method"] == "heun"
         outs[name] = meta
     a, b, c = (root / "gen" / n for n in "abc")
@@ -445,7 +447,8 @@ def test_generate_cli_class_choice(root, token_dit_run, vecset_run, capsys):
     assert not (root / "gen" / "sofa").exists()
     assert sf("generate", "--dit", token_dit_run, "--vae", vecset_run, "--out", root / "gen" / "none") == 2
     assert_one_line_error(capsys, "generate", "--class", "chair, mug")
-    for flag, value, message in (("--num-tokens", 0, "--num-tokens must be >= 1"), ("--smooth", -0.1, "smooth must be >= 0")):
+    for flag, value, message in (("--num-tokens", 0, "--num-tokens must be >= 1"),
+                                 ("--smooth", -0.1, "smooth must be >= 0")):
         assert sf("generate", "--dit", token_dit_run, "--vae", vecset_run, "--class", "mug", "--steps", 1,
                   flag, value, "--out", root / "gen" / "bad") == 2
         assert_one_line_error(capsys, "generate", message)
@@ -469,6 +472,7 @@ def test_generate_cli_uses_the_shipped_checkpoints(tmp_path):
     assert len(f) > 100 and np.abs(v).max() <= 1.0 + 2.0 / 32 + 1e-6
 
 
+@pytest.mark.slow
 def test_generate_cli_image_conditioned_offline(root, vecset_run, tmp_path):
     from PIL import Image
     from transformers import Dinov2Config, Dinov2Model
@@ -741,10 +745,16 @@ def test_demo_quick_end_to_end_and_resume(tmp_path, capsys):
         assert {"COV-CD", "MMD-CD", "1-NNA-CD"} <= set(m)
     assert len(report["generate"]["files"]) == len(classes) * QUICK.gen_per_class
     assert report["generate"]["method"] == QUICK.gen_method and report["generate"]["nfe"] == 2 * QUICK.gen_steps  # Heun
-    # the quick run is seconds of training (quality is the full demo's business, see BENCHMARKS.md), but its
-    # schedule must fit the run: warm-up shortened to a tenth of the steps
+    # the quick run is seconds of training (quality is the full demo's business, see BENCHMARKS.md), fitted to
+    # the budget (the recipe fits easily), and its schedule must fit the run: warm-up a tenth of the steps
+    training = report["training"]
+    for name, recipe in (("vae", QUICK.max_vae_steps), ("dit", QUICK.max_dit_steps)):
+        assert training[name]["fitted"] and training[name]["steps"] == recipe and training[name]["step_s"] > 0
+        assert not training[name]["too_slow"]
+    assert training["repeat"] == f"--vae-steps {QUICK.max_vae_steps} --dit-steps {QUICK.max_dit_steps}"
+    assert json.loads((out / "plan.json").read_text())["vae"]["steps"] == QUICK.max_vae_steps
     vae_cfg = json.loads((out / "runs" / "vae" / "final" / "config.json").read_text())
-    assert vae_cfg["train"]["warmup_steps"] == QUICK.vae_steps // 10
+    assert vae_cfg["train"]["warmup_steps"] == QUICK.max_vae_steps // 10 and vae_cfg["train"]["steps"] == 30
     # the DiT trains on and samples num_tokens tokens per shape, fewer than the VAE's default
     dit_cfg = json.loads((out / "runs" / "dit" / "final" / "config.json").read_text())
     assert dit_cfg["model"]["num_tokens"] == QUICK.num_tokens < vae_cfg["model"]["num_tokens"]
@@ -752,6 +762,7 @@ def test_demo_quick_end_to_end_and_resume(tmp_path, capsys):
     assert {"iou", "chamfer_l1", "f_score@1%", "normal_consistency"} <= set(report["vae_metrics"])
     assert 0 <= report["generate"]["empty"] <= len(report["generate"]["files"])
     md = (out / "report.md").read_text()
+    assert "## Training" in md and training["repeat"] in md
     for s in stages:
         assert f"| {s} |" in md
     for c in classes + ["all"]:
@@ -771,3 +782,59 @@ def test_demo_quick_end_to_end_and_resume(tmp_path, capsys):
     assert again["seconds"]["vae"] == report["seconds"]["vae"] and again["seconds"]["dit"] == report["seconds"]["dit"]
     assert rerun < report["seconds"]["total"]
     assert again["generate"]["files"] == report["generate"]["files"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Train:
+    steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Exp:
+    """Stands in for an ExperimentConfig in the plan test (only out_dir and train.steps are read)."""
+
+    out_dir: str
+    train: _Train
+
+
+def test_demo_fits_the_training_steps_to_the_time_left(tmp_path, monkeypatch):
+    """The plan: the recipe where it fits, fewer steps when the budget is short, the floor (flagged) below."""
+    from shapeflow import demo
+    from shapeflow.demo import DemoConfig, _Plan, fit_steps
+
+    assert fit_steps(100.0, 0.5, 150, 0.25) == (150, False)  # 200 steps fit: the recipe's 150
+    assert fit_steps(50.0, 0.5, 150, 0.25) == (100, False)
+    assert fit_steps(10.0, 0.5, 150, 0.25) == (38, True)  # 20 fit, the floor is ceil(0.25 * 150)
+    assert fit_steps(-5.0, 0.5, 150, 0.25) == (38, True)
+    with pytest.raises(ValueError):
+        fit_steps(10.0, 0.0, 150, 0.25)
+
+    timed = []
+    monkeypatch.setattr(demo, "measure_step_time", lambda exp, steps: timed.append(exp.train.steps) or 0.1)
+    exp = _Exp(out_dir=str(tmp_path / "run"), train=_Train(steps=7))
+    cfg = DemoConfig(budget_s=60.0, min_fraction=0.25)
+    plan = _Plan(tmp_path / "plan.json", cfg, time.perf_counter())
+    assert plan.steps("vae", exp, None, 1000, lambda left, step_s: left - 20.0) in range(390, 401)  # ~40 s
+    assert timed == [1000]  # the recipe's schedule is what gets timed
+    assert plan.steps("dit", exp, 123, 4000, lambda left, step_s: left) == 123  # given: no timing
+    assert timed == [1000]
+    saved = json.loads((tmp_path / "plan.json").read_text())
+    assert saved["vae"]["fitted"] and not saved["dit"]["fitted"] and saved["dit"]["steps"] == 123
+    short = _Plan(tmp_path / "short.json", DemoConfig(budget_s=5.0), time.perf_counter())
+    assert short.steps("vae", exp, None, 1000, lambda left, step_s: left) == 250
+    assert json.loads((tmp_path / "short.json").read_text())["vae"]["too_slow"] and len(timed) == 2
+    # a resumed stage (its run has begun) keeps the first plan instead of timing again
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    again = _Plan(tmp_path / "plan.json", cfg, time.perf_counter())
+    assert again.steps("vae", exp, None, 1000, lambda left, step_s: 0.0) == saved["vae"]["steps"]
+    assert len(timed) == 2
+
+
+def test_measure_step_time_leaves_no_trace(tmp_path):
+    from shapeflow.train.experiment import load_config
+    from shapeflow.train.loop import measure_step_time
+
+    cfg = load_config(REPO / "configs" / "toy.yaml", ["train.num_workers=0", f"out_dir={tmp_path / 'toy'}"])
+    state = torch.get_rng_state()
+    assert 0 < measure_step_time(cfg, steps=3, warmup=1) < 5.0
+    assert not (tmp_path / "toy").exists() and torch.equal(torch.get_rng_state(), state)

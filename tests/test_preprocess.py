@@ -270,6 +270,7 @@ def dataclass_kwargs(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+@pytest.mark.slow
 def test_worker_pool_and_timeout(tmp_path):
     good = write_good(tmp_path / "in")
     bad = write_bad(tmp_path / "in")

@@ -516,7 +516,7 @@ def test_position_bias_loss_term_and_gradients():
         cfg = VecSetLossConfig(kind="occupancy", position_weight=w)
         loss, logs = vecset_vae_loss(m, batch, cfg, generator=torch.Generator().manual_seed(0))
         totals[w] = (loss, logs)
-    (l0, logs0), (l1, logs1) = totals[0.0], totals[2.5]
+    (_, logs0), (l1, logs1) = totals[0.0], totals[2.5]
     logs0, logs1 = ({k: v.item() for k, v in d.items()} for d in (logs0, logs1))
     assert logs1["position"] == pytest.approx(logs0["position"]) and logs1["position"] > 0
     assert logs1["loss"] == pytest.approx(logs0["loss"] + 2.5 * logs1["position"], rel=1e-6)

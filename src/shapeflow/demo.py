@@ -12,6 +12,14 @@ Stages (each skipped when its output is already complete, so an interrupted demo
 7. ``evaluate``: VAE reconstruction metrics on held-out objects and generation metrics (COV, MMD,
    1-NNA over Chamfer) per class against **fresh** synthetic shapes (seed 1, never trained on);
 8. ``report``: ``OUT/report.md`` (+ ``report.json``) with counts, timings, metrics and pictures.
+
+**Fitted to the machine.** The demo has a time budget (``DemoConfig.budget_s`` for the ``shapeflow demo``
+run; ``make demo`` adds the set-up). The recipe is ``max_vae_steps`` / ``max_dit_steps``; before each
+training stage the engine times a few steps of it on this machine (:func:`shapeflow.train.loop.measure_step_time`),
+and the stage gets the steps that fit what is left of the budget, at most the recipe's and at least
+``min_fraction`` of it (below that the report says the machine is too slow for the budget). The chosen
+counts are printed, written to ``OUT/plan.json`` (a resumed demo keeps them) and to the report, and
+``--vae-steps N --dit-steps M`` repeats a run exactly.
 """
 
 from __future__ import annotations
@@ -22,10 +30,24 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+import torch
 
 from shapeflow import fileio
+from shapeflow.data import format as fmt
+from shapeflow.data.datasets import ObjectFolder
+from shapeflow.data.latents import encode_dataset
+from shapeflow.data.preprocess import PreprocessConfig, preprocess_dataset, read_manifest
+from shapeflow.evaluate import eval_vae, format_table, generation_eval, reference_shapes
+from shapeflow.generate import generate, preview_grid
+from shapeflow.geometry.io import load_mesh, save_mesh
+from shapeflow.geometry.synth import CATEGORIES, generate_dataset
+from shapeflow.models import load_dit, load_vae
+from shapeflow.render import image_grid, render_mesh, save_png
+from shapeflow.train.experiment import ExperimentConfig, load_config
+from shapeflow.train.loop import measure_step_time, run
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +58,7 @@ CONFIGS = Path(__file__).resolve().parent / "assets" / "configs"
 class DemoConfig:
     """Sizes of the demo; ``QUICK`` is the reduced run the tests use."""
 
-    per_class: int = 64  # synthetic training shapes per category (1-NNA at 64 per class: 71.8 vs 76.3 % with 24)
+    per_class: int = 64  # synthetic training shapes per category
     classes: tuple[str, ...] = ()  # categories (() = all)
     synth_resolution: int = 64  # marching-cubes grid of the synthetic meshes
     prep_resolution: int = 128  # watertight grid of preprocessing
@@ -44,17 +66,25 @@ class DemoConfig:
     sharp_points: int = 4_096  # sharp-edge samples per object
     sdf_points: int = 32_768  # SDF samples per object
     real_resolution: int = 256  # watertight grid for the real meshes
-    vae_steps: int = 1100
+    budget_s: float = 810.0  # wall time of `shapeflow demo` the training is fitted to (make demo: + set-up)
+    max_vae_steps: int = 1100  # the VAE recipe: steps where the budget allows
+    max_dit_steps: int = 4000  # the DiT recipe
+    min_fraction: float = 0.25  # never train less than this share of the recipe (the machine is too slow then)
+    vae_steps: int | None = None  # fixed VAE steps (None: fitted to the budget)
+    dit_steps: int | None = None  # fixed DiT steps (None: fitted to the budget)
+    probe_steps: int = 6  # timed steps per stage when fitting
+    precision: str = "auto"  # train.precision of both stages (auto: bf16 on native-bf16 CPUs and CUDA)
+    tail_vae_steps: int = 180  # what latents + generate + evaluate cost, in VAE steps (reserved in the plan)
+    dit_vae_step_ratio: float = 0.3  # planning estimate of a DiT step / a VAE step (the DiT is timed later)
     num_tokens: int = 64  # VecSet tokens per shape the DiT generates; the VAE trains with 128 (BENCHMARKS.md)
     vae_batch: int = 8
-    dit_steps: int = 4000  # on 64 tokens a step costs about half of one on 128: 65.0 vs 69.4 % for 2000 steps
     dit_batch: int = 32
     gen_per_class: int = 8  # generated shapes per class (= fresh reference shapes per class)
     gen_steps: int = 25  # sampler steps
-    gen_method: str = "heun"  # 1-NNA at 64 per class 63.8 / 63.0 % vs 65.6 / 64.9 % for Euler (two seeds; BENCHMARKS.md)
+    gen_method: str = "heun"  # the sampler of `shapeflow generate` (BENCHMARKS.md compares them)
     gen_resolution: int = 64  # marching-cubes grid of generated shapes
     gen_smooth: float = 0.0  # Gaussian filter of the decoded fields before meshing (world units)
-    cfg_scale: float = 1.0  # classifier-free guidance scale: none; the 1400-step DiT loses COV under 2.0
+    cfg_scale: float = 1.0  # classifier-free guidance scale: none
     eval_objects: int = 8  # held-out objects for the VAE metrics
     metric_points: int = 2048  # points per cloud for COV / MMD / 1-NNA (PointFlow protocol)
     workers: int = 2
@@ -63,23 +93,37 @@ class DemoConfig:
 
 NNA_DATA_STD = {8: 16, 16: 11, 32: 7, 64: 5}
 """Per-class 1-NNA standard deviation (points) between independent draws of the synthetic data at that many
-shapes per class (``benchmarks/bench_generation.py floor --per-class 64 --draws 4``, BENCHMARKS.md)."""
+shapes per class (measured by ``benchmarks/bench_generation.py floor --per-class 64 --draws 4``; the report
+quotes it so that a small demo's numbers are read with their spread)."""
 
 QUICK = DemoConfig(per_class=3, classes=("chair", "mug", "vase"), synth_resolution=48, prep_resolution=64,
                    surface_points=4096, sharp_points=1024, sdf_points=16_384, real_resolution=96,
-                   vae_steps=30, vae_batch=4, dit_steps=30, dit_batch=4, gen_per_class=2, gen_steps=4, gen_resolution=32, eval_objects=2,
-                   metric_points=512)
+                   max_vae_steps=30, max_dit_steps=30, probe_steps=2, vae_batch=4, dit_batch=4, gen_per_class=2,
+                   gen_steps=4, gen_resolution=32, eval_objects=2, metric_points=512)
+
+
+def fit_steps(available_s: float, step_s: float, max_steps: int, min_fraction: float) -> tuple[int, bool]:
+    """Steps that fit ``available_s`` at ``step_s`` each: ``(steps, too_slow)``.
+
+    At most ``max_steps``; at least ``ceil(min_fraction * max_steps)`` (and 1), in which case ``too_slow``
+    is True: the budget cannot hold the floor on this machine.
+    """
+    if step_s <= 0:
+        raise ValueError(f"step time must be positive, got {step_s}")
+    floor = max(1, int(np.ceil(min_fraction * max_steps)))
+    fit = int(max(available_s, 0.0) // step_s)
+    return (min(max(fit, floor), max_steps), fit < floor)
 
 
 def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), *, real_meshes: str | Path | None = None,
              progress: bool = True) -> dict:
     """Run every stage into ``out``; returns the report dict (also written to ``out/report.json``)."""
-    from shapeflow.geometry.synth import CATEGORIES
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     classes = list(cfg.classes or CATEGORIES)
     report: dict = {"config": dataclasses.asdict(cfg), "classes": classes, "seconds": {}}
+    t_start = time.perf_counter()
+    plan = _Plan(out / "plan.json", cfg, t_start)
 
     def stage(name: str):
         log.info("=== demo stage: %s ===", name)
@@ -96,27 +140,34 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), *, real_meshes: st
     with stage("preview_data"):
         report["data_preview"] = _data_preview(out)
     with stage("vae"):
-        vae_dir = _train("demo_vecset_vae.yaml", out / "runs" / "vae",
-                         [f"data.root={out / 'prep'}", f"train.steps={cfg.vae_steps}",
-                          f"train.batch_size={cfg.vae_batch}"])
+        vae_cfg = _experiment("demo_vecset_vae.yaml", out / "runs" / "vae",
+                              [f"data.root={out / 'prep'}", f"train.batch_size={cfg.vae_batch}",
+                               f"train.precision={cfg.precision}"])
+        # the VAE's share of the time left after the last stages, in proportion to the recipe's costs
+        share = cfg.max_vae_steps / (cfg.max_vae_steps + cfg.dit_vae_step_ratio * cfg.max_dit_steps)
+        steps = plan.steps("vae", vae_cfg, cfg.vae_steps, cfg.max_vae_steps,
+                           lambda left, step_s: share * (left - cfg.tail_vae_steps * step_s))
+        vae_dir = _train(vae_cfg, steps)
     with stage("latents"):
-        from shapeflow.data.latents import encode_dataset
-
         s = encode_dataset(vae_dir, out / "prep", out / "latents", num_tokens=cfg.num_tokens, progress=progress)
         report["latents"] = {k: v for k, v in s.items() if k != "seconds"}
     with stage("dit"):
-        from shapeflow.models import load_vae
-
         vae, _ = load_vae(vae_dir)
-        dit_dir = _train("demo_token_dit.yaml", out / "runs" / "dit",
-                         [f"data.root={out / 'latents'}", f"model.classes={json.dumps(classes)}",
-                          f"model.in_channels={vae.config.latent_channels}", f"model.num_tokens={cfg.num_tokens}",
-                          f"train.steps={cfg.dit_steps}", f"train.batch_size={cfg.dit_batch}"])
+        dit_cfg = _experiment("demo_token_dit.yaml", out / "runs" / "dit",
+                              [f"data.root={out / 'latents'}", f"model.classes={json.dumps(classes)}",
+                               f"model.in_channels={vae.config.latent_channels}",
+                               f"model.num_tokens={cfg.num_tokens}", f"train.batch_size={cfg.dit_batch}",
+                               f"train.precision={cfg.precision}"])
+        vae_step_s = plan.step_s("vae")
+        steps = plan.steps("dit", dit_cfg, cfg.dit_steps, cfg.max_dit_steps, lambda left, step_s: left - (
+            cfg.tail_vae_steps * (vae_step_s or step_s / cfg.dit_vae_step_ratio)))
+        dit_dir = _train(dit_cfg, steps)
     with stage("generate"):
         report["generate"] = _generate(out, dit_dir, vae_dir, classes, cfg)
     with stage("evaluate"):
         report["vae_metrics"] = _eval_vae(out, vae_dir, cfg, progress)
         report["generation_metrics"] = _eval_generation(out, classes, cfg, progress)
+    report["training"] = plan.summary()
     # A resumed demo keeps the first run's timings of the stages it found complete.
     done = {"synth": report["synth"]["written"] == 0, "preprocess": report["preprocess"]["new"] == 0,
             "preprocess_real": report.get("preprocess_real", {}).get("new", 1) == 0,
@@ -132,6 +183,50 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), *, real_meshes: st
     fileio.write_json(out / "report.json", report)
     fileio.write_text(out / "report.md", _markdown(report))
     return report
+
+
+class _Plan:
+    """The training step counts of one demo: given, or fitted to the time left; kept in ``plan.json``."""
+
+    def __init__(self, path: Path, cfg: DemoConfig, t_start: float):
+        self.path, self.cfg, self.t_start = path, cfg, t_start
+        self.entries: dict = json.loads(path.read_text()) if path.is_file() else {}
+
+    def step_s(self, name: str) -> float:
+        return float(self.entries.get(name, {}).get("step_s") or 0.0)
+
+    def steps(self, name: str, exp: ExperimentConfig, given: int | None, max_steps: int,
+              available: Callable[[float, float], float]) -> int:
+        """The steps of stage ``name``: ``given``, a resumed demo's choice, or fitted: the stage's step is
+        timed, and ``available(seconds left in the budget, seconds per step)`` says what it may spend."""
+        old = self.entries.get(name)
+        if given is not None:
+            entry = {"steps": int(given), "fitted": False}
+        elif old is not None and (exp.out_dir and Path(exp.out_dir, "checkpoints").is_dir()
+                                  or Path(exp.out_dir, "final").is_dir()):
+            entry = old  # resuming a started stage: the same schedule
+        else:
+            step_s = measure_step_time(dataclasses.replace(exp, train=dataclasses.replace(
+                exp.train, steps=max_steps)), steps=self.cfg.probe_steps)
+            left = self.cfg.budget_s - (time.perf_counter() - self.t_start)
+            spend = available(left, step_s)
+            n, too_slow = fit_steps(spend, step_s, max_steps, self.cfg.min_fraction)
+            entry = {"steps": n, "fitted": True, "step_s": round(step_s, 4), "recipe_steps": max_steps,
+                     "available_s": round(spend, 1), "too_slow": too_slow}
+        self.entries[name] = entry
+        fileio.write_json(self.path, self.entries)
+        how = (f"fitted to the budget ({entry['step_s']:.3f} s/step measured, recipe {max_steps})"
+               if entry.get("fitted") else "as given")
+        log.info("demo %s: %d training steps, %s", name, entry["steps"], how)
+        if entry.get("too_slow"):
+            log.warning("demo %s: this machine is too slow for the %.0f s budget: training the floor of %d steps "
+                        "(%.0f %% of the recipe); the demo will take longer", name, self.cfg.budget_s,
+                        entry["steps"], 100 * self.cfg.min_fraction)
+        return entry["steps"]
+
+    def summary(self) -> dict:
+        return {**self.entries, "budget_s": self.cfg.budget_s,
+                "repeat": f"--vae-steps {self.entries['vae']['steps']} --dit-steps {self.entries['dit']['steps']}"}
 
 
 class _Timer:
@@ -150,25 +245,19 @@ class _Timer:
 
 
 def _synth(path: Path, classes, per_class: int, seed: int, cfg: DemoConfig, progress: bool) -> dict:
-    from shapeflow.geometry.synth import generate_dataset
-
     s = generate_dataset(path, per_class, seed, resolution=cfg.synth_resolution, classes=classes,
                          workers=cfg.workers, progress=progress)
     return {"written": s.get("written"), "skipped": s.get("skipped"), "objects": per_class * len(classes)}
 
 
-def _prep_config(resolution: int, cfg: DemoConfig):
-    from shapeflow.data.preprocess import PreprocessConfig
-
+def _prep_config(resolution: int, cfg: DemoConfig) -> PreprocessConfig:
     # The offset surfaces even for the (closed) synthetic meshes: trained on the meshes as they are
-    # (PreprocessConfig.keep_closed) the demo pair scored worse (1-NNA 78.2 vs 75.0 % at 64 per class).
+    # (PreprocessConfig.keep_closed) the demo pair scored worse (BENCHMARKS.md).
     return PreprocessConfig(resolution=resolution, surface_points=cfg.surface_points,
                             sharp_points=cfg.sharp_points, sdf_points=cfg.sdf_points, seed=cfg.seed)
 
 
 def _preprocess(src: Path, dst: Path, resolution: int, cfg: DemoConfig, progress: bool) -> dict:
-    from shapeflow.data.preprocess import preprocess_dataset, read_manifest
-
     s = preprocess_dataset(src, dst, _prep_config(resolution, cfg), workers=cfg.workers, progress=progress)
     recs = read_manifest(dst)
     secs = [r["stats"].get("seconds", 0.0) for r in recs if r["status"] == "ok"]
@@ -181,11 +270,6 @@ def _preprocess(src: Path, dst: Path, resolution: int, cfg: DemoConfig, progress
 
 def _data_preview(out: Path) -> str | None:
     """Watertight results of a few synthetic objects and every real mesh, rendered in a grid."""
-    from shapeflow.data import format as fmt
-    from shapeflow.data.preprocess import read_manifest
-    from shapeflow.geometry.io import load_mesh
-    from shapeflow.render import image_grid, render_mesh, save_png
-
     picks = []
     for folder, k in ((out / "prep_real", 12), (out / "prep", 8)):
         if (folder / "manifest.jsonl").is_file():
@@ -205,39 +289,35 @@ def _data_preview(out: Path) -> str | None:
     return "data_preview.png"
 
 
-def _train(config_name: str, out_dir: Path, overrides: list[str]) -> Path:
-    """Train from a packaged config unless ``out_dir/final`` exists; resume an interrupted run."""
-    from shapeflow.train.experiment import load_config
-    from shapeflow.train.loop import run
+def _experiment(config_name: str, out_dir: Path, overrides: list[str]) -> ExperimentConfig:
+    """A packaged demo config with the demo's overrides, writing to ``out_dir``."""
+    return load_config(CONFIGS / config_name, [*overrides, f"out_dir={out_dir}"])
 
+
+def _train(cfg: ExperimentConfig, steps: int) -> Path:
+    """Train ``cfg`` for ``steps`` unless ``out_dir/final`` exists; resume an interrupted run."""
+    out_dir = Path(cfg.out_dir)
     if (out_dir / "final" / "config.json").is_file():
         log.info("%s: already trained, skipping", out_dir)
         (out_dir / ".skipped").touch()
         return out_dir / "final"
-    cfg = load_config(CONFIGS / config_name, [*overrides, f"out_dir={out_dir}"])
-    warmup = max(1, cfg.train.steps // 10)
-    if cfg.train.warmup_steps > warmup:  # short runs (--quick, --vae-steps 50) would never reach the peak lr
-        log.info("%s: %d steps: warm-up shortened from %d to %d steps", config_name, cfg.train.steps,
-                 cfg.train.warmup_steps, warmup)
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, warmup_steps=warmup))
-    run(cfg, resume=(out_dir / "checkpoints").is_dir())
+    warmup = max(1, steps // 10)
+    train = dataclasses.replace(cfg.train, steps=steps, warmup_steps=min(cfg.train.warmup_steps, warmup))
+    if train.warmup_steps < cfg.train.warmup_steps:  # short runs would never reach the peak lr
+        log.info("%s: %d steps: warm-up shortened from %d to %d steps", out_dir, steps, cfg.train.warmup_steps,
+                 train.warmup_steps)
+    run(dataclasses.replace(cfg, train=train), resume=(out_dir / "checkpoints").is_dir())
     return out_dir / "final"
 
 
 def _generate(out: Path, dit_dir: Path, vae_dir: Path, classes: list[str], cfg: DemoConfig) -> dict:
-    import torch
-
-    from shapeflow.generate import generate, preview_grid
-    from shapeflow.geometry.io import save_mesh
-    from shapeflow.models import load_dit, load_vae
-    from shapeflow.render import save_png
-
     dit, dit_kind = load_dit(dit_dir)
     vae, vae_kind = load_vae(vae_dir)
     labels = [c for c in classes for _ in range(cfg.gen_per_class)]
     cond = torch.tensor([classes.index(c) for c in labels])
     res = generate(dit, vae, dit_kind=dit_kind, vae_kind=vae_kind, num=len(labels), cond=cond, labels=labels,
-                   steps=cfg.gen_steps, method=cfg.gen_method, cfg_scale=cfg.cfg_scale, seed=1000, resolution=cfg.gen_resolution,
+                   steps=cfg.gen_steps, method=cfg.gen_method, cfg_scale=cfg.cfg_scale, seed=1000,
+                   resolution=cfg.gen_resolution,
                    smooth=cfg.gen_smooth)
     gen_dir = out / "generated"
     files = []
@@ -249,14 +329,11 @@ def _generate(out: Path, dit_dir: Path, vae_dir: Path, classes: list[str], cfg: 
     save_png(out / "generated.png", preview_grid(res.meshes, labels, ncols=cfg.gen_per_class))
     return {"files": files, "empty": sum(f is None for f in files), "nfe": res.nfe,
             "seconds": {k: round(v, 2) for k, v in res.seconds.items()}, "cfg_scale": cfg.cfg_scale,
-            "steps": cfg.gen_steps, "method": cfg.gen_method, "resolution": cfg.gen_resolution, "smooth": cfg.gen_smooth}
+            "steps": cfg.gen_steps, "method": cfg.gen_method, "resolution": cfg.gen_resolution,
+            "smooth": cfg.gen_smooth}
 
 
 def _eval_vae(out: Path, vae_dir: Path, cfg: DemoConfig, progress: bool) -> dict:
-    from shapeflow.evaluate import eval_vae, format_table
-
-    from shapeflow.data.datasets import ObjectFolder
-
     split = "val" if len(ObjectFolder(out / "prep", split="val", val_fraction=0.1)) else "all"
     rows, summary = eval_vae(vae_dir, out / "prep", split=split, val_fraction=0.1, limit=cfg.eval_objects,
                              resolution=128, n_points=20_000, progress=progress)
@@ -266,9 +343,6 @@ def _eval_vae(out: Path, vae_dir: Path, cfg: DemoConfig, progress: bool) -> dict
 
 def _eval_generation(out: Path, classes: list[str], cfg: DemoConfig, progress: bool) -> dict:
     """COV / MMD / 1-NNA (Chamfer) per class: generated meshes vs fresh synthetic shapes (seed 1, canonical frame)."""
-    from shapeflow.evaluate import generation_eval, reference_shapes
-    from shapeflow.geometry.io import load_mesh
-
     refs = reference_shapes(out / "reference", classes, cfg.gen_per_class, cfg.seed + 1,
                             resolution=cfg.synth_resolution, workers=cfg.workers, progress=progress)
     gens = {}
@@ -284,6 +358,17 @@ def _markdown(r: dict) -> str:
     lines += ["## Timings (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f}{' (first run; resumed)' if k in r.get('resumed_stages', []) else ''} |"
               for k, v in s.items()]
+    t = r["training"]
+    lines += ["", "## Training", "", f"Fitted to a budget of {t['budget_s']:.0f} s for the whole run "
+              "(the recipe where it fits; the steps are timed on this machine first):", "",
+              "| model | steps | recipe | s / step (measured) | how |", "|---|---|---|---|---|"]
+    for name, label in (("vae", "VecSet VAE"), ("dit", "token DiT")):
+        e = t[name]
+        how = ("fitted; **too slow for the budget: the floor**" if e.get("too_slow")
+               else "fitted" if e.get("fitted") else "given")
+        step_s = f"{e['step_s']:.3f}" if e.get("step_s") else "-"
+        lines.append(f"| {label} | {e['steps']} | {e.get('recipe_steps', '-')} | {step_s} | {how} |")
+    lines += ["", f"Repeat exactly: `shapeflow demo OUT {t['repeat']}`."]
     lines += ["", "## Data", ""]
     for key in ("preprocess", "preprocess_real"):
         if key in r:
@@ -301,7 +386,8 @@ def _markdown(r: dict) -> str:
               f"normal consistency {v.get('normal_consistency', float('nan')):.3f} (table: vae_eval.md)"]
     g = r["generate"]
     lines += ["", "## Generation", "",
-              f"{len(g['files'])} shapes ({g['empty']} empty), {g['steps']} {g.get('method', 'euler').capitalize()} steps, guidance {g['cfg_scale']}, "
+              f"{len(g['files'])} shapes ({g['empty']} empty), {g['steps']} {g['method'].capitalize()} steps, "
+              f"guidance {g['cfg_scale']}, "
               f"decoded at {g['resolution']}^3; meshes in `generated/`.", "", "![generated](generated.png)", "",
               "Generation metrics against fresh synthetic shapes of each class (Chamfer on "
               f"{r['config']['metric_points']} points; 1-NNA ideal 50%):", "",

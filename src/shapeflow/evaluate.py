@@ -34,7 +34,7 @@ from shapeflow.data import format as fmt
 from shapeflow.data.datasets import ObjectFolder
 from shapeflow.data.latents import seed_of, vae_encoder_overrides, vecset_surface
 from shapeflow.decode import decode_to_mesh
-from shapeflow.geometry.frame import BOUND, normalize_vertices
+from shapeflow.geometry.frame import normalize_vertices
 from shapeflow.geometry.io import load_mesh
 from shapeflow.geometry.marching_cubes import EmptySurfaceError
 from shapeflow.geometry.synth import DEFAULT_RESOLUTION, generate_dataset

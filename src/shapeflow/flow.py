@@ -51,7 +51,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
+import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 
 NOISE_T = 0.0  # the end of the path that is Gaussian noise
 DATA_T = 1.0  # the end of the path that is data
@@ -257,9 +259,6 @@ def match_tokens(noise: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     ``scipy.optimize.linear_sum_assignment``). ``noise``, ``data``: ``(b, m, c)``; returns ``data`` permuted
     along ``m`` (the same set of tokens per sample).
     """
-    import numpy as np
-    from scipy.optimize import linear_sum_assignment
-
     if noise.shape != data.shape or data.ndim != 3:
         raise ValueError(f"match_tokens needs noise and data of one shape (b, m, c), got {tuple(noise.shape)} "
                          f"and {tuple(data.shape)}")

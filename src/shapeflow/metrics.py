@@ -40,6 +40,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import pysdf
+import trimesh
 from scipy.spatial import cKDTree
 
 from shapeflow.geometry.frame import BOUND
@@ -154,8 +156,6 @@ def mesh_contains(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray) -
 
     Meaningful for watertight meshes only. Returns ``(n,) bool``.
     """
-    import pysdf
-
     v = np.ascontiguousarray(vertices, dtype=np.float32)
     f = np.ascontiguousarray(faces, dtype=np.uint32)
     return np.asarray(pysdf.SDF(v, f).contains(np.ascontiguousarray(points, dtype=np.float32)), dtype=bool)
@@ -200,8 +200,6 @@ def sample_surface(
     normals : (n_points, 3) float64
       Unit normals of the faces the points lie on (orientation as wound).
     """
-    import trimesh
-
     v, f = np.asarray(vertices, dtype=np.float64), np.asarray(faces, dtype=np.int64)
     mesh = trimesh.Trimesh(v, f, process=False)
     if len(mesh.faces) == 0 or not mesh.area > 0:

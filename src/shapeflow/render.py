@@ -32,6 +32,7 @@ from typing import Sequence
 
 import numpy as np
 import trimesh
+from PIL import Image, ImageDraw, ImageFont
 
 from shapeflow import fileio
 from shapeflow.geometry.frame import EXTENT
@@ -313,8 +314,6 @@ def image_grid(
     -------
     grid : (rows * (H + label + pad) + pad, ncols * (W + pad) + pad, 3) uint8
     """
-    from PIL import Image, ImageDraw, ImageFont
-
     if not images:
         raise ValueError("image_grid needs at least one image")
     if labels is not None and len(labels) != len(images):
@@ -361,8 +360,6 @@ def render_preview(
 
 def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
     """Write an ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` uint8 image as PNG, atomically."""
-    from PIL import Image
-
     img = np.asarray(image)
     if img.dtype != np.uint8 or img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (3, 4)):
         raise ValueError(f"save_png expects a uint8 (H, W[, 3|4]) image, got {img.dtype} {img.shape}")

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from shapeflow.flow import DATA_T, NOISE_T, shift_time
 
@@ -201,8 +202,6 @@ def sample(
     x = noise
     pairs = list(zip(ts[:-1], ts[1:]))
     if progress:
-        from tqdm.auto import tqdm
-
         pairs = tqdm(pairs, desc=f"sampling ({method})", leave=False)
     for t0, t1 in pairs:
         h = t1 - t0

@@ -15,7 +15,8 @@ def register(subparsers) -> None:
         description="Synthesize, preprocess (plus real meshes when found), train a tiny VecSet VAE, encode "
                     "latents, train a tiny class-conditional DiT, generate shapes for every class, evaluate, "
                     "and write OUT/report.md. Resumes when re-run on the same OUT.",
-        epilog="example:\n  shapeflow demo runs/demo\n  shapeflow demo runs/quick --quick",
+        epilog="examples:\n  shapeflow demo runs/demo\n  shapeflow demo runs/quick --quick\n"
+               "  shapeflow demo runs/demo2 --vae-steps 1100 --dit-steps 4000   # repeat a run's step counts",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("out", metavar="OUT", help="output folder")
@@ -24,8 +25,14 @@ def register(subparsers) -> None:
                    help="folder of real meshes to preprocess too (default: $SHAPEFLOW_TEST_MESHES or "
                         "../shared/meshes when present)")
     p.add_argument("--per-class", type=int, default=None, help="synthetic shapes per class")
-    p.add_argument("--vae-steps", type=int, default=None)
-    p.add_argument("--dit-steps", type=int, default=None)
+    p.add_argument("--vae-steps", type=int, default=None, metavar="N",
+                   help="VAE training steps (default: the recipe's, fewer if the time budget needs it)")
+    p.add_argument("--dit-steps", type=int, default=None, metavar="N",
+                   help="DiT training steps (default: the recipe's, fewer if the time budget needs it)")
+    p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                   help="time budget of the run the training is fitted to (default 810)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                   help="training precision (default auto: bf16 where the CPU has native bf16, else fp32)")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -36,7 +43,11 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = QUICK if args.quick else DemoConfig()
     changes = {k: v for k, v in (("per_class", args.per_class), ("vae_steps", args.vae_steps),
-                                 ("dit_steps", args.dit_steps), ("workers", args.workers)) if v is not None}
+                                 ("dit_steps", args.dit_steps), ("workers", args.workers),
+                                 ("budget_s", args.budget), ("precision", args.precision)) if v is not None}
+    for name in ("vae_steps", "dit_steps", "per_class"):
+        if changes.get(name, 1) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {changes[name]}")
     cfg = dataclasses.replace(cfg, **changes)
     real = args.real_meshes or os.environ.get("SHAPEFLOW_TEST_MESHES")
     if real is None and Path("../shared/meshes").is_dir():
@@ -45,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{real}: no such folder of real meshes")
     report = run_demo(args.out, cfg, real_meshes=real, progress=not args.no_progress)
     gm = report["generation_metrics"]["all"]
+    t = report["training"]
     print(f"demo done in {report['seconds']['total']:.0f} s -> {Path(args.out) / 'report.md'} "
           f"(generation: COV {gm['COV-CD']:.2f}, 1-NNA {gm['1-NNA-CD']:.2f}; "
-          f"VAE IoU {report['vae_metrics'].get('iou', float('nan')):.3f})")
+          f"VAE IoU {report['vae_metrics'].get('iou', float('nan')):.3f}; trained {t['repeat']})")
     return 0

@@ -109,8 +109,8 @@ def run(args: argparse.Namespace) -> int:
         name = f"sample_{k:03d}.{args.format}"
         save_mesh(out / name, *mesh)
         files.append(name)
-    save_png(out / "preview.png", preview_grid(result.meshes, [f"{k}:{l}" if l else str(k)
-                                                               for k, l in enumerate(result.labels)]))
+    save_png(out / "preview.png", preview_grid(result.meshes, [f"{k}:{label}" if label else str(k)
+                                                               for k, label in enumerate(result.labels)]))
     fileio.write_json(out / "generate.json", {
         "dit": str(dit_path), "vae": str(vae_path), "labels": result.labels, "files": files,
         "steps": args.steps, "method": args.method, "shift": args.shift, "cfg": args.cfg,

@@ -51,6 +51,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save
 
 from shapeflow import fileio
 
@@ -123,8 +125,6 @@ def _check_one(name: str, a: np.ndarray, dtypes: tuple, shape: tuple, sizes: dic
 
 def write_sample_file(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
     """Validate and atomically write one object's arrays as safetensors."""
-    from safetensors.numpy import save
-
     validate(arrays)
     data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
     fileio.write_bytes(path, data)
@@ -183,8 +183,6 @@ def read_sample_file(
     KeyError
       If a requested array is not in the file.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such sample file")

@@ -36,6 +36,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -73,7 +74,8 @@ def vecset_surface(obj_dir: Path, surface_points: int, sharp_points: int, seed: 
 
 
 def weights_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of a model's state dict (names, dtypes, shapes, bytes; first 16 hex digits), whatever file it came from."""
+    """SHA-256 of a model's state dict (names, dtypes, shapes, bytes; first 16 hex digits), whatever file it
+    came from."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().cpu().contiguous()
@@ -261,8 +263,6 @@ class LatentDataset(Dataset):
         if self.class_to_label is not None:
             item["label"] = self.class_to_label[rec["class"]]
         if self.views_root is not None:
-            from PIL import Image
-
             views = sorted((self.views_root / rec["id"] / fmt.VIEWS_DIR).glob("*.png"))
             pick = views[int(torch.randint(len(views), ()))]  # global RNG: seeded per item by the loop
             item["image"] = torch.from_numpy(np.asarray(Image.open(pick).convert("RGBA")).copy())

@@ -61,12 +61,22 @@ from multiprocessing.connection import wait as mp_wait
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from shapeflow import fileio
 from shapeflow.data import format as fmt
-from shapeflow.geometry import grid
+from shapeflow.geometry import grid, labels, sampling
+from shapeflow.geometry.distance import MeshDistance, voxel_distance_bound
 from shapeflow.geometry.frame import BOUND, normalize_vertices
-from shapeflow.geometry.watertight import DEFAULT_EPS_VOXELS, DEFAULT_RESOLUTION
+from shapeflow.geometry.io import MESH_EXTENSIONS, load_mesh, save_mesh
+from shapeflow.geometry.watertight import (
+    DEFAULT_EPS_VOXELS,
+    DEFAULT_RESOLUTION,
+    closed_input,
+    is_closed,
+    make_watertight,
+)
+from shapeflow.render import render_views, save_png
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +142,6 @@ def list_inputs(source: str | os.PathLike) -> list[Path]:
     FileNotFoundError
       If ``source`` does not exist.
     """
-    from shapeflow.geometry.io import MESH_EXTENSIONS
-
     src = Path(source)
     if src.is_dir():
         files = [p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in MESH_EXTENSIONS]
@@ -273,11 +281,6 @@ def process_object(path: str | os.PathLike, out_dir: str | os.PathLike, config: 
 
 
 def _process(path: Path, out_dir: Path, cfg: PreprocessConfig, oid: str, stats: dict) -> dict:
-    from shapeflow.geometry import labels, sampling
-    from shapeflow.geometry.distance import MeshDistance, voxel_distance_bound
-    from shapeflow.geometry.io import load_mesh, save_mesh
-    from shapeflow.geometry.watertight import closed_input, is_closed, make_watertight
-
     t0 = time.perf_counter()
     c0 = time.process_time()
     tick = [t0]
@@ -389,8 +392,6 @@ def _process(path: Path, out_dir: Path, cfg: PreprocessConfig, oid: str, stats: 
 
 def _render_views(obj_dir: Path, v: np.ndarray, f: np.ndarray, cfg: PreprocessConfig, seed: int) -> dict:
     """Random-view RGBA renders for image conditioning: ``<id>/views/<k>.png`` + cameras in meta.json."""
-    from shapeflow.render import render_views, save_png
-
     images, cameras = render_views(v, f, cfg.render_views, cfg.render_size, seed=seed)
     names = []
     for k, img in enumerate(images):
@@ -402,7 +403,7 @@ def _render_views(obj_dir: Path, v: np.ndarray, f: np.ndarray, cfg: PreprocessCo
 def _peak_rss_mb() -> float | None:
     """Peak resident memory of this process in MiB (None where the OS does not report it)."""
     try:
-        import resource
+        import resource  # lazy: POSIX only
     except ImportError:  # Windows
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -476,8 +477,6 @@ def preprocess_dataset(
     -------
     Summary
     """
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
     cfg = config or PreprocessConfig()
     inputs = shard_inputs(list_inputs(source), *shard)  # raises before anything is written

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import fcpw
 import numpy as np
+import pysdf
 from scipy import ndimage
 
 from shapeflow.geometry import grid
@@ -416,8 +417,6 @@ class MeshDistance:
         -------
         inside : (q,) bool
         """
-        import pysdf
-
         if self._inside_test is None:
             self._inside_test = pysdf.SDF(
                 self.vertices.astype(np.float32), self.faces.astype(np.uint32), robust=True

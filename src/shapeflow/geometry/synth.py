@@ -52,11 +52,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import fast_simplification
 import numpy as np
+import trimesh
+from scipy.interpolate import PchipInterpolator
+from tqdm import tqdm
 
 from shapeflow import fileio
 from shapeflow.geometry import grid
 from shapeflow.geometry.frame import BOUND, EXTENT
+from shapeflow.geometry.io import save_mesh
 from shapeflow.geometry.marching_cubes import marching_cubes
 
 log = logging.getLogger(__name__)
@@ -592,8 +597,6 @@ def _vase_params(g: _Params) -> None:
 
 
 def _vase(p: dict) -> Node:
-    from scipy.interpolate import PchipInterpolator
-
     h, w, fl = p["height"], p["wall"], p["floor"]
     ys = np.array([0.0, p["belly_frac"], p["neck_frac"], 1.0]) * h
     rs = np.array([p["r_base"], p["r_belly"], p["r_neck"], p["r_lip"]])
@@ -878,9 +881,6 @@ def shape_to_mesh(
 
 
 def _decimate(v: np.ndarray, f: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    import fast_simplification
-    import trimesh
-
     v2, f2 = fast_simplification.simplify(v, f, target_reduction=fraction)
     v2, f2 = np.asarray(v2, dtype=np.float64), np.asarray(f2, dtype=np.int64)
     before = trimesh.Trimesh(v, f, process=False)
@@ -909,8 +909,6 @@ def _object_stem(category: str, index: int) -> str:
 
 def _write_object(task: tuple[str, str, int, int, int, float]) -> str:
     out_dir, category, index, seed, resolution, decimate = task
-    from shapeflow.geometry.io import save_mesh
-
     folder = Path(out_dir) / category
     stem = _object_stem(category, index)
     meta_path = folder / f"{stem}.json"
@@ -956,8 +954,6 @@ def generate_dataset(
     summary : dict
       The content of ``synth.json`` plus ``written`` and ``skipped`` counts.
     """
-    from tqdm import tqdm
-
     classes = list(CATEGORIES if classes is None else classes)
     for c in classes:
         _check_category(c)

@@ -67,8 +67,11 @@ import math
 import time
 from dataclasses import dataclass, field
 
+import fast_simplification
 import numpy as np
 from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from skimage import measure
 
 from shapeflow.geometry import grid
@@ -489,8 +492,6 @@ def _rasterise_nodes(
 
 
 def _decimate(v: np.ndarray, f: np.ndarray, target_faces: int) -> tuple[np.ndarray, np.ndarray]:
-    import fast_simplification
-
     dv, df = fast_simplification.simplify(
         np.ascontiguousarray(v, dtype=np.float64), np.ascontiguousarray(f, dtype=np.int32),
         target_count=int(target_faces),
@@ -510,9 +511,6 @@ def check_closed(vertices: np.ndarray, faces: np.ndarray) -> tuple[bool, dict]:
     info : dict
       ``watertight``, ``winding_consistent``, ``volume`` (signed), ``area``, ``components``.
     """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     v = np.asarray(vertices, dtype=np.float64)
     f = np.asarray(faces, dtype=np.int64)
     if len(f) == 0:

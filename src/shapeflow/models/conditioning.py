@@ -39,6 +39,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from shapeflow.flow import drop_condition
@@ -91,8 +92,6 @@ class ClassConditioner(nn.Module):
 
 
 def _to_pil_rgba(image):
-    from PIL import Image
-
     if isinstance(image, Image.Image):
         return image.convert("RGBA") if image.mode != "RGBA" else image
     arr = np.asarray(image)
@@ -148,8 +147,6 @@ def preprocess_image(
     background : ``"black"`` premultiplies colour by alpha (TRELLIS), ``"white"`` composites on white
         (Hunyuan3D).
     """
-    from PIL import Image
-
     if crop:
         img = crop_to_foreground(image, scale=crop_scale, alpha_threshold=alpha_threshold)
     else:
@@ -221,7 +218,7 @@ class ImageConditioner(nn.Module):
     def from_pretrained(cls, name: str | None = None, config: ImageConditionerConfig | None = None,
                         **kwargs) -> "ImageConditioner":
         """DINOv2 weights via ``transformers.AutoModel.from_pretrained(name)`` (hub name or local dir)."""
-        from transformers import AutoModel
+        from transformers import AutoModel  # lazy: optional dependency (the "image" extra)
 
         config = config or ImageConditionerConfig()
         if name is not None:
@@ -232,7 +229,7 @@ class ImageConditioner(nn.Module):
     @classmethod
     def from_config(cls, backbone_config, config: ImageConditionerConfig | None = None) -> "ImageConditioner":
         """A randomly initialised DINOv2 from a ``transformers`` config (nothing is downloaded)."""
-        from transformers import AutoModel
+        from transformers import AutoModel  # lazy: optional dependency (the "image" extra)
 
         return cls(AutoModel.from_config(backbone_config), config or ImageConditionerConfig())
 

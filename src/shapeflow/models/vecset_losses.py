@@ -134,7 +134,8 @@ def vecset_vae_loss(model, batch: dict, cfg: VecSetLossConfig = VecSetLossConfig
     -------
     loss : scalar tensor
     logs : dict of detached 0-d tensors (no device sync; read out when logging): ``loss``, ``recon``,
-      ``recon_<group>`` (when groups are given), ``kl``, ``sign_acc`` (fraction of query points on the right side), ``position`` for position-bias models,
+      ``recon_<group>`` (when groups are given), ``kl``, ``sign_acc`` (fraction of query points on the right
+      side), ``position`` for position-bias models,
       and each enabled optional term.
     """
     surface, points, sdf = batch["surface"], batch["points"], batch["sdf"]

@@ -108,7 +108,8 @@ def sincos_3d_position_embedding(resolution: int, width: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reverse_time_weight(weight: torch.Tensor, *, time_scale: float = 1000.0, max_period: float = 10000.0) -> torch.Tensor:
+def reverse_time_weight(weight: torch.Tensor, *, time_scale: float = 1000.0,
+                        max_period: float = 10000.0) -> torch.Tensor:
     """First-layer weight ``(C, freq_dim)`` of a :class:`TimestepEmbedder` for reversed time: ``W'`` with
     ``W' emb(t) = W emb(1 - t)`` for every ``t``.
 

@@ -61,10 +61,12 @@ Design choices:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import random
+import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -88,7 +90,7 @@ from shapeflow.train.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run", "lr_at", "NonFiniteLossError", "GlobalBatchSampler"]
+__all__ = ["run", "measure_step_time", "lr_at", "NonFiniteLossError", "GlobalBatchSampler"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -218,7 +220,7 @@ def _optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, names: list[s
                      fsdp: bool) -> dict | None:
     """Full optimizer state keyed by parameter name (collective under FSDP; None off rank 0)."""
     if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict  # lazy: FSDP
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         sd = get_optimizer_state_dict(model, opt, options=options)
@@ -238,7 +240,7 @@ def _load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer, names: l
         raise ckpt_lib.CheckpointError(f"optimizer state does not match the model: missing {missing[:8]}, "
                                        f"unexpected {unexpected[:8]}")
     if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict  # lazy: FSDP
 
         set_optimizer_state_dict(model, opt, sd, options=StateDictOptions(full_state_dict=True))
         return
@@ -384,7 +386,7 @@ def _wrap(model: nn.Module, cfg: TrainConfig, info: dist.DistInfo, device: torch
         return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                    find_unused_parameters=cfg.find_unused_parameters)
     try:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard  # lazy: torch >= 2.6
     except ImportError:
         raise ValueError(f"train.strategy=fsdp needs torch >= 2.6 (FSDP2 fully_shard), "
                          f"this is {torch.__version__}") from None
@@ -584,6 +586,34 @@ def run(cfg: ExperimentConfig, resume: bool = False) -> dict[str, float]:
             dist.destroy_distributed()
 
 
+def measure_step_time(cfg: ExperimentConfig, *, steps: int = 8, warmup: int = 2) -> float:
+    """Seconds per optimizer update of ``cfg`` on this machine (single process), without training it.
+
+    Builds the run exactly as :func:`run` does (model, data, optimizer, EMA, precision) in a temporary
+    ``out_dir``, times ``steps`` updates after ``warmup`` untimed ones, and throws everything away (the
+    global RNG states are restored). For fitting step counts to a time budget (``shapeflow demo``).
+    """
+    info = dist.get_dist_info()
+    if info.is_distributed:
+        raise ValueError("measure_step_time runs in a single process")
+    device = dist.select_device(info, cfg.train.device)
+    total = warmup + steps
+    with tempfile.TemporaryDirectory(prefix="shapeflow-probe-") as tmp, _preserve_rng(device.type == "cuda"):
+        probe = dataclasses.replace(cfg, out_dir=tmp, train=dataclasses.replace(
+            cfg.train, steps=max(cfg.train.steps, total), ckpt_every=0, val_every=0))
+        r = _build(probe, TASKS[cfg.task], info, device, None, None)
+        try:
+            for step in range(warmup):
+                _step(r, step)
+            t0 = time.perf_counter()
+            for step in range(warmup, total):
+                keys, values = _step(r, step)
+            values.cpu()  # wait for the device
+            return (time.perf_counter() - t0) / steps
+        finally:
+            r.close()
+
+
 @dataclass
 class _Run:
     """Everything one training run holds between its phases."""
@@ -727,7 +757,7 @@ def _open_logs(r: _Run) -> None:
         return
     save_resolved(r.cfg, r.out_dir / "config.json")
     try:
-        from torch.utils.tensorboard import SummaryWriter  # optional dependency (the "log" extra)
+        from torch.utils.tensorboard import SummaryWriter  # lazy: optional dependency (the "log" extra)
 
         r.writer = SummaryWriter(log_dir=str(r.out_dir / "tb"))
     except ImportError:

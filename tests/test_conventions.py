@@ -67,3 +67,28 @@ def test_cell_grid_layout():
 def test_grid_rejects_bad_resolution(res):
     with pytest.raises(ValueError, match="resolution"):
         grid.spacing(res)
+
+
+def test_the_half_cell_shift_is_one_function_that_both_cell_grid_meshers_use():
+    """Cell values read as a node-grid field: one ring of padding, nodes at the cell centres, spacing kept."""
+    import torch
+
+    from shapeflow.geometry.marching_cubes import voxels_to_mesh
+    from shapeflow.models.grid_vae import grid_to_field
+
+    res = 8
+    b = grid.padded_cell_bound(res)
+    assert b == pytest.approx(frame.BOUND + grid.spacing(res) / 2)
+    # the padded grid's nodes are the cell centres: node 1 is cell 0's centre, spacing unchanged
+    assert grid.node_coords_1d(res + 1, b)[1] == pytest.approx(grid.cell_centers(res)[0, 0])
+    assert grid.spacing(res + 1, b) == pytest.approx(grid.spacing(res))
+    # a grid VAE's occupancy logits and a plain voxel grid give the same surface: the faces of the voxels
+    occ = np.zeros((res,) * 3, bool)
+    occ[2:6, 3:5, 1:7] = True
+    fields, field_bound = grid_to_field(torch.from_numpy(np.where(occ, 5.0, -5.0))[None, None].float(), "occupancy")
+    assert field_bound == pytest.approx(b) and fields.shape == (1, res + 2, res + 2, res + 2)
+    v, _ = voxels_to_mesh(occ)
+    h = grid.spacing(res)
+    lo, hi = -1 + np.array([2, 3, 1]) * h, -1 + np.array([6, 5, 7]) * h  # the outer faces of the block
+    np.testing.assert_allclose(v.min(0), lo, atol=1e-9)
+    np.testing.assert_allclose(v.max(0), hi, atol=1e-9)

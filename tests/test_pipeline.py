@@ -812,9 +812,13 @@ def test_demo_fits_the_training_steps_to_the_time_left(tmp_path, monkeypatch):
     timed = []
     monkeypatch.setattr(demo, "measure_step_time", lambda exp, steps: timed.append(exp.train.steps) or 0.1)
     exp = _Exp(out_dir=str(tmp_path / "run"), train=_Train(steps=7))
-    cfg = DemoConfig(budget_s=60.0, min_fraction=0.25)
+    cfg = DemoConfig(budget_s=60.0, min_fraction=0.25, step_margin=1.0)
     plan = _Plan(tmp_path / "plan.json", cfg, time.perf_counter())
     assert plan.steps("vae", exp, None, 1000, lambda left, step_s: left - 20.0) in range(390, 401)  # ~40 s
+    careful = _Plan(tmp_path / "careful.json", dataclasses.replace(cfg, step_margin=2.0, min_fraction=0.1),
+                    time.perf_counter())
+    assert careful.steps("vae", exp, None, 1000, lambda left, step_s: left - 20.0) in range(195, 201)
+    timed.pop()
     assert timed == [1000]  # the recipe's schedule is what gets timed
     assert plan.steps("dit", exp, 123, 4000, lambda left, step_s: left) == 123  # given: no timing
     assert timed == [1000]
@@ -838,3 +842,29 @@ def test_measure_step_time_leaves_no_trace(tmp_path):
     state = torch.get_rng_state()
     assert 0 < measure_step_time(cfg, steps=3, warmup=1) < 5.0
     assert not (tmp_path / "toy").exists() and torch.equal(torch.get_rng_state(), state)
+
+
+def test_latent_scale_is_applied_by_encode_latents_and_undone_by_generate(root, vecset_run, vecset_latents,
+                                                                          token_dit_run, tmp_path):
+    """Generators model ``z * latent_scale`` (Hunyuan3D's scale factor): encode-latents multiplies by it,
+    generate divides by it before decoding; one field of the VAE's config."""
+    from shapeflow.data.latents import encode_dataset
+    from shapeflow.generate import generate
+    from shapeflow.models import load_dit, load_vae
+    from shapeflow.models.vecset_vae import VecSetVAE
+
+    vae, _ = load_vae(vecset_run)
+    scaled = VecSetVAE(dataclasses.replace(vae.config, latent_scale=2.0))
+    scaled.load_state_dict(vae.state_dict())
+    scaled.save_pretrained(tmp_path / "vae2")
+    encode_dataset(tmp_path / "vae2", root / "prep", tmp_path / "lat2", progress=False)
+    assert json.loads((tmp_path / "lat2" / "latents.json").read_text())["latent_scale"] == 2.0
+    plain = npy_files(vecset_latents)
+    assert set(npy_files(tmp_path / "lat2")) == set(plain)
+    for name in plain:
+        np.testing.assert_allclose(np.load(tmp_path / "lat2" / name), 2.0 * np.load(vecset_latents / name),
+                                   rtol=1e-6, atol=1e-7)
+    dit, kind = load_dit(token_dit_run)
+    runs = [generate(dit, v, dit_kind=kind, vae_kind="vecset_vae", num=2, cond=torch.tensor([0, 1]), steps=2,
+                     decode=False) for v in (vae, scaled)]
+    torch.testing.assert_close(runs[1].latents, runs[0].latents / 2.0)

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Flush float32 denormals to zero, before torch starts its CPU thread pool (the workers inherit the
     # setting from this thread). Softmax over far-apart logits (the position-biased VecSet decoder)
-    # otherwise produces denormals, which cost the CPU tens of times a normal multiply (BENCHMARKS.md).
+    # otherwise produces denormals, which cost the CPU many times a normal multiply.
     import torch
 
     torch.set_flush_denormal(True)

@@ -29,8 +29,8 @@ Design choices
     corner not yet evaluated gets its corners evaluated, repeated until no such cell remains. So every
     cell marching cubes meshes has all 8 corners evaluated, and a surface that leaves the refined
     region (a thin part between coarse nodes) is followed instead of cut; this is what lets the last
-    level skip the dilation (``final_dilation=0``), about a quarter fewer queries on trained VecSet
-    fields for the same main surface (BENCHMARKS.md).
+    level skip the dilation (``final_dilation=0``): fewer queries on trained VecSet fields for the same
+    main surface (BENCHMARKS.md, "VecSet VAE").
 
     Every meshed fine cell has its corners evaluated at the same float32 points as ``dense`` (values
     can differ in the last ulp only because PyTorch kernels are not bitwise batch-invariant across

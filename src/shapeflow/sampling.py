@@ -17,7 +17,7 @@ Design choices:
 * Heun's corrector runs on the final step too. EDM skips it there because its ODE is singular at
   sigma = 0; the flow ODE is not (the exact velocity at t = 1 is ``x - E[noise | x] = x``), and
   because a shifted grid makes the final step the *longest* one, an Euler final step dominates the
-  error (about 10x larger at 16 steps on the analytic test flow). The corrector never needs
+  error (by far the largest error term on the analytic test flow). The corrector never needs
   ``t > 1``: grids end exactly at 1. A model trained with logit-normal times sees ``t`` near 1 rarely;
   ``"midpoint"`` never evaluates at ``t = 1`` if that matters.
 * **Guidance.** Standard form ``v = v_u + w (v_c - v_u)`` (Ho & Salimans 2022): ``w = 1`` is *exactly* the

@@ -37,11 +37,9 @@ name                shape                   dtype    meaning
 
 Grids are indexed ``[i, j, k] = [x, y, z]`` (:mod:`shapeflow.geometry.grid`).
 
-Why safetensors: it is a flat header + raw little-endian buffers that load by memory map. Measured
-here on a 12 MB object file (132k surface + 500k SDF samples + occ64): loading every array took
-1.4 ms with safetensors vs 20 ms with an uncompressed ``.npz`` (zip members are copied), and one
-array alone 0.1 ms vs 0.5 ms; a data loader that reads only ``occ64`` or a subsample pays for only
-that. Files are written atomically (:mod:`shapeflow.fileio`).
+Why safetensors: it is a flat header + raw little-endian buffers that load by memory map, many times
+faster than an uncompressed ``.npz`` (whose zip members are copied); a data loader that reads only
+``occ64`` or a subsample pays for only that. Files are written atomically (:mod:`shapeflow.fileio`).
 """
 
 from __future__ import annotations
@@ -174,7 +172,7 @@ def read_sample_file(
       Arrays to read (None = all present).
     mmap : bool
       Return read-only memory maps instead of copies: indexing a few rows then reads only those pages
-      (a training item takes ~5k of the 630k rows; the full copy cost a loader 10 ms per item).
+      (a training item takes a few thousand of the hundreds of thousands of rows).
 
     Raises
     ------

@@ -1,14 +1,12 @@
 """Exact distance from points to a triangle mesh, and signed distance to a closed mesh.
 
-Design choices (measured on the 2-core dev machine, lucy 100k faces; see BENCHMARKS.md)
-----------------------------------------------------------------------------------------
+Design choices (speeds: BENCHMARKS.md, "Preprocessing speed")
+--------------------------------------------------------------
 * **Closest triangle: fcpw** (BVH, float32). It is exact (1e-7 against libigl) and the fastest
   exact option installed. Its batched query parallelises internally with ``std::thread`` over all
-  cores (it holds the GIL, so Python threads add nothing). Measured on lucy (100k faces) on the
-  idle 2-core machine: 0.38 M/s for points uniform in the cube, 0.96 M/s within ~0.005 of the
-  surface, 0.58 M/s at ~0.05, and 0.29 M/s for the 40/30/30 mix on one core (``taskset``), all
-  with queries **sorted along a Morton curve** (the BVH walk then stays in cache; unsorted queries
-  are 2-3x slower).
+  cores (it holds the GIL, so Python threads add nothing). Queries are **sorted along a Morton curve**
+  (the BVH walk then stays in cache; unsorted queries are several times slower); points near the
+  surface are cheaper than points far from it.
 * Only the closest triangle's index and fcpw's float32 distance are read back (reading its per-query
   point/normal arrays costs ~4 us each, more than the query). Where the closest point is needed
   (projection, sign), it is recomputed with its barycentrics in float64 with numpy (Ericson,
@@ -16,13 +14,13 @@ Design choices (measured on the 2-core dev machine, lucy 100k faces; see BENCHMA
 * **Search bounds**: an upper bound on each query's distance (``upper_bound``: from the shell voxels,
   :func:`voxel_distance_bound`, or from the surface sample a near point was made from) narrows fcpw's
   search; results do not depend on it (a bound that turns out too small triggers an unbounded
-  search). With the grid sign hints, about 1.4x faster on lucy for the pipeline query mix.
+  search). With the grid sign hints, faster for the pipeline's query mix.
 * **Sign: angle-weighted pseudonormals** (Baerentzen & Aanaes, IEEE TVCG 2005) of the closest
   feature (face, edge or vertex). For a closed, edge-manifold, consistently oriented mesh this is
   exact, costs a few numpy ops per point, and needs no ray casting. pysdf's ``contains`` (ray parity)
   is used only for points beyond a ``max_distance`` cut-off, which have no closest triangle.
-  libigl and pysdf *distances* are not used: igl is 10x slower and pysdf's distance is approximate
-  (it searches near the nearest vertex; errors up to 0.03 on lucy).
+  libigl and pysdf *distances* are not used: igl is much slower and pysdf's distance is approximate
+  (it searches near the nearest vertex only).
 * A point is "on a feature" (edge/vertex) when its barycentric coordinates are within 1e-9 of the
   triangle's boundary; using an edge or vertex pseudonormal for a point whose closest point is in
   fact just inside the face is still correct (the face normal has a positive dot product with it).
@@ -185,7 +183,7 @@ def voxel_distance_bound(occupancy: np.ndarray, points: np.ndarray, bound: float
 class MeshDistance:
     """Distance queries against one triangle mesh (exact closest points; signed if closed).
 
-    Build once per mesh (about 50 ms for 100k faces), then query any number of points.
+    Build once per mesh (milliseconds for 100k faces), then query any number of points.
 
     Parameters
     ----------
@@ -285,7 +283,7 @@ class MeshDistance:
 
     def unsigned_distance_f32(self, points: np.ndarray, max_distance: float | None = None) -> np.ndarray:
         """Unsigned distance as computed by fcpw in float32 (no float64 refinement); ``inf`` beyond
-        ``max_distance``. About 2x cheaper than :meth:`unsigned_distance` for near points.
+        ``max_distance``. Cheaper than :meth:`unsigned_distance` for near points.
 
         Returns
         -------
@@ -359,7 +357,7 @@ class MeshDistance:
           sign skip the pseudonormal test and take fcpw's float32 distance.
         upper_bound : (q,) float or None
           Guaranteed upper bounds on the distances (e.g. :func:`voxel_distance_bound`); they only
-          narrow fcpw's search (about 1.6x faster far from the surface), results are unchanged.
+          narrow fcpw's search (faster far from the surface), results are unchanged.
 
         Returns
         -------

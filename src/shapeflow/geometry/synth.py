@@ -32,7 +32,7 @@ Design choices
   is one closed, connected surface (tested).
 * Written meshes are decimated (quadric edge collapse, ``fast_simplification``) by
   :data:`DEFAULT_DECIMATE` = 70% of their faces: marching cubes over-tessellates flat parts, and the
-  files get ~3x smaller (about 0.25 MB per OBJ instead of 0.75 MB) while vertices stay within about
+  files get several times smaller while vertices stay within about
   0.4 cell of the zero set. A decimated mesh that is not closed, consistently wound, positively
   oriented and with as many connected parts as the original is discarded for the undecimated one.
 
@@ -816,8 +816,8 @@ def sdf_grid(
     surface and every node in it has ``|f| > h``: its nodes get ``sign(f(c)) * (|f(c)| - rho)``, a
     lower bound of ``|f|`` with the right sign. All other nodes are evaluated exactly. An edge with a
     sign change has both end nodes within ``h`` of the surface, so every such node is exact and
-    marching cubes gives the same vertices as with a dense evaluation (about 4x fewer evaluations
-    for the procedural shapes at 64^3 with 4-cell blocks).
+    marching cubes gives the same vertices as with a dense evaluation, from a fraction of the
+    evaluations for the procedural shapes.
 
     Parameters
     ----------

@@ -12,16 +12,16 @@ Design choices
   degenerate (zero-area) faces, soups, open borders, non-manifold edges, several parts,
   self-intersections: all fine, since only the *unsigned* distance to the triangles is used.
 * **Offset** ``eps = eps_voxels * h`` with ``eps_voxels = 0.75`` by default. Hunyuan3D-2.1 and Dora
-  v1.1 use one voxel (``2/256`` in ``[-1, 1]`` at 256^3); on ../shared/meshes at 256^3 one voxel gave
-  mean F@1% 0.986 and Chamfer-L1 0.0094 against the original surfaces, 0.75 voxel gave 0.992 and
-  0.0077 (BENCHMARKS.md), because gaps narrower than about ``2 * eps`` are sealed and whatever lies
+  v1.1 use one voxel (``2/256`` in ``[-1, 1]`` at 256^3); on ../shared/meshes 0.75 voxel stays closer
+  to the original surfaces than one voxel (BENCHMARKS.md), because gaps narrower than about ``2 * eps``
+  are sealed and whatever lies
   behind them becomes interior. The output is the ``udf = eps`` level set seen from outside: closed
   surfaces grow by ``eps``, open sheets and thin parts become ``2 * eps`` thick shells (they survive at
   any resolution). ``eps > h / 2`` is required so a 6-connected flood fill cannot leak through the
   surface between two grid nodes (every grid edge crossing the surface has an end within ``h / 2`` of
   it); 0.75 keeps a quarter-voxel margin.
-* **Narrow band.** The plain approach evaluates the UDF at all ``(res + 1)^3`` nodes (17M at 256;
-  about 20x slower than the band here, BENCHMARKS.md). Only nodes with ``udf <= eps + h`` influence
+* **Narrow band.** The plain approach evaluates the UDF at all ``(res + 1)^3`` nodes (17M at 256; far
+  slower than the band, BENCHMARKS.md). Only nodes with ``udf <= eps + h`` influence
   the iso-surface (sign *and* interpolated position: along a grid edge the UDF changes by at most
   ``h``), so the surface is rasterised instead: every triangle is sampled on a barycentric lattice
   fine enough that each of its points is within ``delta = 0.45 h`` of a sample, the samples' nearest
@@ -47,12 +47,11 @@ Design choices
   ``is_winding_consistent``): every edge in exactly two faces traversing it in opposite directions,
   and positive volume, else :class:`WatertightError` is raised. Statistics are returned with the mesh.
 * **Closed inputs kept as they are** (:func:`closed_input`, preprocessing's ``keep_closed``): the offset
-  changes every shape (walls grow by ``eps`` per side, a thin board or wing doubles at 128^3): 1-NNA
-  46-65 % per class, 58.8 % overall, for the offset surfaces of 64 synthetic shapes per class against
-  64 others, where two draws of the originals score 42-52 % per class (BENCHMARKS.md). Data known to
-  be clean closed surfaces (such as marching-cubes output) can skip it. The default does not, since
-  closedness alone does not rule out self-intersecting parts, and neither does the demo: its tiny
-  VAE + DiT trained on the thinner originals scored worse against them (78.2 vs 75.0 %).
+  changes every shape (walls grow by ``eps`` per side, a thin board or wing doubles at 128^3), which a
+  1-NNA against the originals sees (docs/log/benchmarks-2026-11.md). Data known to be clean closed
+  surfaces (such as marching-cubes output) can skip it. The default does not, since closedness alone
+  does not rule out self-intersecting parts, and neither does the demo: its tiny VAE + DiT trained on
+  the thinner originals scored worse against them.
 * **Exact inside/outside for later labels**: the result keeps the node grid's inside flags
   (``node_inside``); a point in a cell whose 8 nodes agree is on that side of the (undecimated)
   marching-cubes surface, which :meth:`WatertightResult.sign_hint` exposes to the SDF labelling.
@@ -89,7 +88,7 @@ class WatertightError(ValueError):
 
 
 DEFAULT_RESOLUTION = 256
-"""Grid cells per axis by default: fits a laptop (about 1 s per mesh here); use 512+ on servers."""
+"""Grid cells per axis by default: fits a laptop (seconds per mesh); use 512+ on servers."""
 
 DEFAULT_EPS_VOXELS = 0.75
 """Default iso offset in voxels (> 0.5 required; Hunyuan3D/Dora use 1; see the module docstring)."""
@@ -319,11 +318,11 @@ def closed_input(vertices: np.ndarray, faces: np.ndarray, bound: float = BOUND) 
 
     For clean closed inputs (marching-cubes output such as ``shapeflow synth``'s) the offset of
     :func:`make_watertight` only changes the shape: every wall grows by ``eps`` per side, which doubles
-    a thin board or wing at 128^3 and is what a Chamfer-based metric then sees (BENCHMARKS.md, issue 5
-    section 8). Vertices are welded (``merge_vertices``) and zero-area faces dropped; the result must
-    pass :func:`check_closed` with every face flipped if the volume is negative. Not detected, so not
-    for arbitrary data: self-intersecting or overlapping closed parts (the signed distance's
-    pseudonormal sign is wrong inside an overlap); such data needs :func:`make_watertight`.
+    a thin board or wing at 128^3 and is what a Chamfer-based metric then sees. Vertices are welded
+    (``merge_vertices``) and zero-area faces dropped; the result must pass :func:`check_closed` with
+    every face flipped if the volume is negative. Not detected, so not for arbitrary data:
+    self-intersecting or overlapping closed parts (the signed distance's pseudonormal sign is wrong inside
+    an overlap); such data needs :func:`make_watertight`.
 
     Returns
     -------

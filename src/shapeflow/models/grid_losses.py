@@ -13,7 +13,7 @@ Design choices
   ``"dice+bce"`` (unweighted sum) gets both: Dice for the rare positives, BCE to make the 0.5 threshold
   meaningful. It is the ``tiny`` preset's default; the ``trellis`` preset keeps ``"dice"`` to match the
   release. Same data and training (``benchmarks/bench_grid_vae.py``, 32^3 shells, 300 steps, one seed):
-  held-out IoU 0.864 for dice+bce, 0.815 for dice, 0.805 for bce (BENCHMARKS.md).
+  the best held-out IoU of the three in a short run (BENCHMARKS.md, "Grid VAE").
 * **KL** exactly as TRELLIS: ``0.5 * mean(mu^2 + var - 1 - logvar)`` over **all** latent elements (batch
   included), weighted by ``cfg.kl_weight`` (1e-3 released). ``DiagonalGaussian.kl()`` is the per-sample
   element mean, so its batch mean is the same number.

@@ -31,8 +31,8 @@ Design choices
   ``encode``/``decode`` return fp32 (on this CPU bf16 is slower than fp32, ``cpu_probe.md``).
 * **Activation layout:** ``channels_last=True`` (default) runs every conv on ``channels_last_3d``
   activations: set once after each half's first conv, then kept by convs, :class:`ChannelLayerNorm32`
-  and :func:`pixel_shuffle_3d`. On this CPU (oneDNN) it is 1.76x faster than NCDHW for ``tiny`` and ~9 %
-  for the TRELLIS size (BENCHMARKS.md, "Grid VAE"). Weights keep the default layout, so checkpoints
+  and :func:`pixel_shuffle_3d`. On a CPU (oneDNN) it is faster than NCDHW, most for the small presets
+  (BENCHMARKS.md, "Grid VAE"). Weights keep the default layout, so checkpoints
   do not depend on it.
 
 Legend: b batch, c channels, r grid samples per axis, l latent grid size per axis.
@@ -110,7 +110,7 @@ class GridVAEConfig:
     sdf_truncation: float = 0.0625  # sdf input: |SDF| clamp, world units (2 voxels at 64, as preprocess)
     sdf_band_weight: float = 1.0  # sdf input only: extra loss weight on nodes with |sdf| < t (the band)
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, more compute
-    channels_last: bool = True  # channels_last_3d activations: 1.76x faster on CPU for tiny (BENCHMARKS.md)
+    channels_last: bool = True  # channels_last_3d activations: faster on CPUs (BENCHMARKS.md)
     # lossless space-to-channel factor: the grid enters through pixel_unshuffle_3d(stem) and leaves through
     # pixel_shuffle_3d(stem), so every conv runs at 1/stem resolution (TRELLIS: 1; CPU presets: 2)
     stem: int = 1

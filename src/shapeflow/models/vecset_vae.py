@@ -286,7 +286,7 @@ class GeometryDecoder(nn.Module):
     ``[-1, 1]^3``). The latent is still a plain token set (the positions are a function of it), but the
     decoder attends locally from the first step instead of having to discover locality. During training
     the predicted positions are pulled to the tokens' FPS points (``position`` loss term). Measured effect:
-    BENCHMARKS.md, VecSet ``tiny`` section.
+    docs/log/benchmarks-2026-11.md, the third round of the VecSet ``tiny`` section.
     """
 
     #: length scales of the first and last head's distance penalty at initialisation (canonical units)

@@ -2,8 +2,8 @@
 
 :class:`torch.optim.Muon` orthogonalises one matrix at a time: on a small model (the ``tiny`` VecSet
 VAE and token DiT have 34 and 22 block matrices of a handful of shapes) the optimizer step is then a few
-hundred small kernel launches, 31 and 22 ms on 2 CPU threads, about 11 % of a training step (13 and 12 ms
-batched; ``benchmarks/bench_optimizer.py``). This subclass
+hundred small kernel launches, a noticeable share of a training step on a CPU
+(``benchmarks/bench_optimizer.py`` times both). This subclass
 computes the same update (Nesterov momentum, quintic Newton-Schulz in bfloat16 with torch's
 coefficients, decoupled weight decay, torch's learning-rate adjustment) with one batched matmul per
 Newton-Schulz product per shape, and ``_foreach`` ops for the element-wise parts.

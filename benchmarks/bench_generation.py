@@ -47,22 +47,27 @@ import numpy as np
 import torch
 
 
-def _load(spec: str):
-    from shapeflow.generate import class_names
+def _load(spec: str, *, dit_tokens: bool = False):
+    """``NAME=DIT,VAE`` -> (name, generator pair, class names of a class-conditional DiT).
+
+    ``dit_tokens``: a VecSet VAE paired with a token DiT encodes the DiT's token count (``num_tokens``)
+    instead of its own (a load override of the VAE config).
+    """
     from shapeflow.models import load_dit, load_vae
 
     name, _, paths = spec.partition("=")
     dit_path, vae_path = paths.split(",")
     dit, dit_kind = load_dit(dit_path)
-    vae, vae_kind = load_vae(vae_path)
-    return name, dict(dit=dit, vae=vae, dit_kind=dit_kind, vae_kind=vae_kind), class_names(dit_path)
+    overrides = dict(num_tokens=dit.config.num_tokens) if dit_tokens and dit_kind == "token_dit" else {}
+    vae, vae_kind = load_vae(vae_path, **overrides)
+    return name, dict(dit=dit, vae=vae, dit_kind=dit_kind, vae_kind=vae_kind), list(dit.config.classes)
 
 
 def _res(pair: dict, resolution: int) -> str:
     """The decoding grid of a generator pair: VecSet VAEs use ``resolution``, grid VAEs their own grid."""
     if pair["vae_kind"] == "vecset_vae":
         return f"{resolution}^3"
-    return f"{pair['vae'].cfg.resolution}^3 (the grid VAE's own grid)"
+    return f"{pair['vae'].config.resolution}^3 (the grid VAE's own grid)"
 
 
 def _table(table: dict) -> list[str]:
@@ -109,7 +114,7 @@ def quality(args) -> str:
 
 def sampler(args) -> str:
     from shapeflow import metrics
-    from shapeflow.generate import decode_latents
+    from shapeflow.generate import decode_latents, latent_shape
     from shapeflow.sampling import initial_noise, sample
 
     lines = []
@@ -117,16 +122,15 @@ def sampler(args) -> str:
         name, pair, classes = _load(spec)
         dit, vae = pair["dit"], pair["vae"]
         n = args.samples
-        from shapeflow.generate import latent_shape
-
-        shape = latent_shape(dit, vae, pair["dit_kind"])
+        shape = latent_shape(dit, pair["dit_kind"])
         noise = initial_noise((n, *shape), seed=list(range(n)))
         cond = torch.arange(n) % max(1, len(classes)) if dit.config.cond == "class" else None
 
         def run(method, steps):
             x = sample(dit, noise, steps=steps, method=method, cond=cond)
-            return decode_latents(vae, pair["vae_kind"], dit.denormalize_latents(x), resolution=args.resolution,
-                                  smooth=args.smooth)
+            z = vae.unscale_latents(dit.denormalize_latents(x))  # as `generate` does
+            meshes, _ = decode_latents(vae, pair["vae_kind"], z, resolution=args.resolution, smooth=args.smooth)
+            return meshes
 
         ref = run("midpoint", 100)
         lines.append(f"### {name}: {n} samples, reference = midpoint with 100 steps (200 evaluations)\n")
@@ -151,7 +155,6 @@ def sampler(args) -> str:
 
 
 def ceiling(args) -> str:
-    from shapeflow.data.latents import _vae_data_defaults
     from shapeflow.evaluate import generation_eval, reconstruct_object, reference_shapes
 
     if not args.data:
@@ -160,14 +163,13 @@ def ceiling(args) -> str:
     objs = sorted(d for d in Path(args.data).iterdir() if (d / "meta.json").is_file())
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.gen:
-            name, pair, classes = _load(spec)
+            # VecSet: the encoder input the VAE was trained with (its config, as `encode-latents` uses) and the
+            # token count the DiT samples
+            name, pair, classes = _load(spec, dit_tokens=True)
             refs = reference_shapes(Path(tmp) / "ref", classes, args.per_class, args.ref_seed)
-            # the encoder input the VAE was trained with (and `encode-latents` uses), not reconstruct_object's default
-            trained = _vae_data_defaults(Path(spec.partition("=")[2].split(",")[1]))
-            counts = dict(n_surface=int(trained.get("n_surface", 4096)), n_sharp=int(trained.get("n_sharp", 1024)),
-                          # VecSet: the token count the DiT samples (unused for grid pairs)
-                          num_latents=(pair["dit"].config.num_tokens or None) if pair["dit_kind"] == "token_dit" else None)
-            tokens = (f", {counts['num_latents'] or pair['vae'].cfg.num_latents} tokens"
+            vc = pair["vae"].config
+            tokens = f", {vc.num_tokens} tokens" if pair["vae_kind"] == "vecset_vae" else ""
+            inputs = (f"; encoder input {vc.surface_points} + {vc.sharp_points} points"
                       if pair["vae_kind"] == "vecset_vae" else "")
             recs, t0 = {c: [] for c in classes}, time.perf_counter()
             for d in objs:
@@ -175,15 +177,14 @@ def ceiling(args) -> str:
                 c = Path(source).parent.name  # `shapeflow synth` writes <class>/<class>_<k>.obj
                 if c in recs and len(recs[c]) < args.per_class:
                     r = reconstruct_object(pair["vae"], pair["vae_kind"], d, resolution=args.resolution,
-                                           with_metrics=False, smooth=args.smooth, **counts)
+                                           with_metrics=False, smooth=args.smooth)
                     recs[c].append(r["mesh"])
             short = {c: len(v) for c, v in recs.items() if len(v) < args.per_class}
             if short:
                 raise SystemExit(f"{args.data}: fewer than {args.per_class} objects for {short}")
             table = generation_eval(recs, refs, n_points=2048, pooled=not args.no_pooled, workers=args.workers)
             lines.append(f"### {name}: reconstructions by {pair['vae_kind']} of {args.per_class} fresh shapes per class "
-                         f"({args.data}; encoder input {counts['n_surface']} + {counts['n_sharp']} points"
-                         f"{tokens}), decoded "
+                         f"({args.data}{inputs}{tokens}), decoded "
                          f"at {_res(pair, args.resolution)} (smooth {args.smooth}), against {args.per_class} fresh "
                          f"references per class (seed {args.ref_seed}); {time.perf_counter() - t0:.0f} s\n")
             lines += _table(table)

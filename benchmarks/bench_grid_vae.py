@@ -53,9 +53,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from shapeflow.config import preset
 from shapeflow.geometry import grid, synth
 from shapeflow.models.grid_losses import grid_vae_loss, occupancy_iou
-from shapeflow.models.grid_vae import GridVAE, from_preset
+from shapeflow.models.grid_vae import GridVAE, GridVAEConfig
 
 log = logging.getLogger("bench_grid_vae")
 
@@ -217,7 +218,7 @@ def load() -> str:
 def part_upsample(args, train_x, test_x) -> dict:
     res = {}
     for mode in ("pixel_shuffle", "transpose", "nearest"):
-        cfg = from_preset("tiny", resolution=args.res, upsample=mode)
+        cfg = preset(GridVAEConfig, "tiny", resolution=args.res, upsample=mode)
         log.info("upsample=%s: training %d steps", mode, args.steps)
         model, secs, last = train(cfg, train_x, args.steps, args.batch, args.lr, args.seed)
         res[mode] = {"train_s": secs, "final_loss": last,
@@ -225,7 +226,7 @@ def part_upsample(args, train_x, test_x) -> dict:
         log.info("  %s", res[mode])
     # speed at 64^3 (random init; the operator cost does not depend on the weights)
     x = make_shells(64, 1, args.seed + 7)[: args.time_batch]
-    models = {m: GridVAE(from_preset("tiny", upsample=m)) for m in res}
+    models = {m: GridVAE(preset(GridVAEConfig, "tiny", upsample=m)) for m in res}
     for m, model in models.items():
         res[m]["flops_fwd_bwd_64"], _ = count_flops(model, x)
     timing = interleaved_times({m: (lambda mm=mm: fwd_bwd(mm, x)) for m, mm in models.items()}, args.repeats)
@@ -240,7 +241,7 @@ def part_loss(args, train_x, test_x, reuse: dict | None) -> dict:
         if loss == "dice+bce" and reuse is not None:
             res[loss] = {"iou": reuse["iou"], "train_s": reuse["train_s"], "reused": "upsample/pixel_shuffle"}
             continue
-        cfg = from_preset("tiny", resolution=args.res, loss=loss)
+        cfg = preset(GridVAEConfig, "tiny", resolution=args.res, loss=loss)
         log.info("loss=%s: training %d steps", loss, args.steps)
         model, secs, last = train(cfg, train_x, args.steps, args.batch, args.lr, args.seed)
         ev = evaluate(model, test_x)
@@ -254,8 +255,8 @@ def part_trellis(args) -> dict:
     xs = make_shells(64, 1, args.seed + 11)  # (8, 1, 64, 64, 64)
     out = {"batches": batches, "load_before": load(), "matmul_2048_gflops_before": matmul_gflops()}
     torch.manual_seed(0)
-    base = GridVAE(from_preset("trellis", channels_last=False))
-    cl = GridVAE(from_preset("trellis", channels_last=True))
+    base = GridVAE(preset(GridVAEConfig, "trellis", channels_last=False))
+    cl = GridVAE(preset(GridVAEConfig, "trellis", channels_last=True))
     cl.load_state_dict(base.state_dict())
     # conv FLOPs are linear in the batch: count once at batch 1
     flops1, secs = count_flops(cl, xs[:1])
@@ -283,8 +284,8 @@ def part_trellis(args) -> dict:
     out["layouts"] = timing
     # the same layout question for the tiny preset (low channel counts, where memory traffic dominates)
     xt = make_shells(64, 1, args.seed + 13)  # (8, 1, 64, 64, 64): one shape per category
-    tiny_nc = GridVAE(from_preset("tiny", channels_last=False))
-    tiny_cl = GridVAE(from_preset("tiny", channels_last=True))
+    tiny_nc = GridVAE(preset(GridVAEConfig, "tiny", channels_last=False))
+    tiny_cl = GridVAE(preset(GridVAEConfig, "tiny", channels_last=True))
     tiny_cl.load_state_dict(tiny_nc.state_dict())
     tiny_flops, _ = count_flops(tiny_cl, xt)
     runs = {"ncdhw": lambda: fwd_bwd(tiny_nc, xt), "channels_last_3d": lambda: fwd_bwd(tiny_cl, xt)}

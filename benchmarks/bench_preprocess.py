@@ -3,7 +3,10 @@
 Usage::
 
     .venv/bin/python benchmarks/bench_preprocess.py                          # print the markdown section
-    .venv/bin/python benchmarks/bench_preprocess.py --wait-idle --write BENCHMARKS.md
+    .venv/bin/python benchmarks/bench_preprocess.py --wait-idle --write docs/log/preprocess.md
+
+``--write PATH`` also writes the report (the same markdown section) to its own file, replacing that file
+(BENCHMARKS.md keeps only the current result of each target, by hand).
 
 Measures, on one ~100k-face mesh (default: ../shared/meshes/lucy.ply):
 
@@ -39,11 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from _report import write_section  # benchmarks/ is sys.path[0] when run as a script
-
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MESH = ROOT.parent / "shared" / "meshes" / "lucy.ply"
-SECTION = "bench_preprocess"
 HZ = os.sysconf("SC_CLK_TCK")
 WAIT = {"enabled": False, "max_s": 900.0, "threshold": 0.25}
 
@@ -306,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="longest wait per repeat with --wait-idle (default 900 s), then measure anyway")
     ap.add_argument("--exact-dense", action="store_true",
                     help="also time the dense grid with the exact UDF at all nodes (minutes)")
-    ap.add_argument("--write", type=Path, default=None, help="BENCHMARKS.md to update")
+    ap.add_argument("--write", type=Path, default=None, metavar="PATH",
+                    help="also write the report to this markdown file (e.g. docs/log/preprocess.md), "
+                         "replacing it; not BENCHMARKS.md")
     args = ap.parse_args(argv)
     if not args.mesh.is_file():
         print(f"{args.mesh}: not found", file=sys.stderr)
@@ -380,7 +382,9 @@ Stage medians of the full run (s): {stages}; watertight sub-stages: {wt_stages}.
 """
     print(text)
     if args.write:
-        write_section(args.write, SECTION, text)
+        from shapeflow.fileio import write_text
+
+        write_text(args.write, text)  # atomically, the whole file
     return 0
 
 

@@ -113,14 +113,13 @@ def run_analytic(args) -> list[dict]:
 
 
 def run_dit(args) -> list[dict]:
-    from shapeflow.models.dit import GridDiT, load_dit
+    from shapeflow.generate import latent_shape
+    from shapeflow.models import load_dit
 
-    model = load_dit(args.dit).eval()
+    model, kind = load_dit(args.dit)
+    model.eval()
     cfg = model.config
-    if isinstance(model, GridDiT):
-        shape = (args.num, cfg.in_channels, cfg.resolution, cfg.resolution, cfg.resolution)
-    else:
-        shape = (args.num, args.tokens, cfg.in_channels)
+    shape = (args.num, *latent_shape(model, kind, args.tokens))  # tokens: None = the DiT's trained count
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(args.seed))
     kw: dict = {}
     if cfg.cond == "class":
@@ -136,7 +135,8 @@ def run_dit(args) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dit", help="trained DiT checkpoint; default: the analytic Gaussian-mixture field")
-    p.add_argument("--tokens", type=int, default=128, help="latent tokens for a TokenDiT")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="latent tokens for a TokenDiT (default: the count it was trained on, config.num_tokens)")
     p.add_argument("--cfg", type=float, default=1.0, help="guidance scale for conditional DiTs")
     p.add_argument("--num", type=int, default=2000, help="samples")
     p.add_argument("--dim", type=int, default=8, help="analytic: data dimension")

@@ -43,16 +43,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from shapeflow.data.datasets import ObjectFolder
-    from shapeflow.data.latents import _vae_data_defaults
     from shapeflow.evaluate import reconstruct_object, summarize
     from shapeflow.models import load_vae
 
-    models = {}
+    models = {}  # VecSet VAEs encode the input counts they were trained with (config.surface_points / sharp_points)
     for spec in args.vae:
         name, _, path = spec.partition("=")
-        vae, kind = load_vae(path)
-        d = _vae_data_defaults(Path(path))
-        models[name] = (vae, kind, int(d.get("n_surface", 4096)), int(d.get("n_sharp", 1024)))
+        models[name] = load_vae(path)
     datasets = []
     if args.synth:
         datasets.append(("synthetic held-out", ObjectFolder(args.synth, split="val", val_fraction=args.val_fraction)))
@@ -64,9 +61,9 @@ def main() -> None:
         n = len(folder) if args.limit is None else min(args.limit, len(folder))
         rows, meshes = {m: [] for m in models}, {m: [] for m in models}
         for i in range(n):
-            for mname, (vae, kind, ns, nk) in models.items():
+            for mname, (vae, kind) in models.items():
                 r = reconstruct_object(vae, kind, folder.object_dir(i), resolution=args.resolution,
-                                       n_surface=ns, n_sharp=nk, n_points=args.points)
+                                       n_points=args.points)
                 rows[mname].append({"name": Path(folder.records[i]["source"]).stem, **r["metrics"],
                                     "latent_numel": r["latent_numel"]})
                 meshes[mname].append(r["mesh"])
@@ -74,7 +71,7 @@ def main() -> None:
         md.append("| model | kind | latent floats | params (M) | IoU | Chamfer-L1 | F@1% | NC | encode s | decode s |")
         md.append("|---|---|---|---|---|---|---|---|---|---|")
         report[dname] = {}
-        for mname, (vae, kind, _, _) in models.items():
+        for mname, (vae, kind) in models.items():
             s = summarize(rows[mname])
             params = sum(p.numel() for p in vae.parameters()) / 1e6
             report[dname][mname] = {"summary": s, "rows": rows[mname], "kind": kind, "params_m": params}

@@ -52,7 +52,7 @@ import torch
 
 from shapeflow.decode import VecSetField, dense_field, field_to_mesh, hierarchical_field, reconstruct_mesh
 from shapeflow.models.vecset_losses import VecSetLossConfig, vecset_vae_loss
-from shapeflow.models.vecset_vae import VecSetVAE, from_preset
+from shapeflow.models.vecset_vae import VecSetVAE
 
 R_MAJOR, R_MINOR = 0.5, 0.2
 
@@ -124,7 +124,7 @@ def train_tiny(steps: int, seed: int = 0) -> VecSetVAE:
 
 def _train_tiny(steps: int, seed: int) -> VecSetVAE:
     torch.manual_seed(seed)
-    model = VecSetVAE(from_preset("tiny"))
+    model = VecSetVAE.from_preset("tiny")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     cfg = VecSetLossConfig()
@@ -138,6 +138,7 @@ def _train_tiny(steps: int, seed: int) -> VecSetVAE:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+    logs = {k: float(v) for k, v in logs.items()}  # 0-d tensors
     print(f"tiny trained {steps} steps in {time.perf_counter() - t0:.1f}s; last logs {logs}", flush=True)
     return model.eval()
 
@@ -169,10 +170,10 @@ def bench_decode_tiny(model: VecSetVAE, res: int) -> dict:
 
 def bench_decode_base(res: int, dense_chunks: int, chunk: int) -> dict:
     torch.manual_seed(0)
-    model = VecSetVAE(from_preset("base")).eval()
-    torch.nn.init.normal_(model.geo_decoder.output_proj.weight, std=1.0 / math.sqrt(model.cfg.width))
+    model = VecSetVAE.from_preset("base").eval()
+    torch.nn.init.normal_(model.geo_decoder.output_proj.weight, std=1.0 / math.sqrt(model.config.width))
     with torch.no_grad():
-        tokens = model.decode(torch.randn(1, model.cfg.num_latents, model.cfg.latent_channels))
+        tokens = model.decode(torch.randn(1, model.config.num_tokens, model.config.latent_channels))
     net = VecSetField(model, tokens)
 
     def fn(p):
@@ -222,14 +223,14 @@ def matmul_rate(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def bench_train_base(batch: int, n_surface: int, n_query: int, steps: int) -> dict:
+def bench_train_base(batch: int, surface_points: int, n_query: int, steps: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
     torch.manual_seed(0)
-    model = VecSetVAE(from_preset("base"))
+    model = VecSetVAE.from_preset("base")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
-    data = torus_batch(batch, n_surface, n_query, g)
+    data = torus_batch(batch, surface_points, n_query, g)
     cfg = VecSetLossConfig()
 
     def step():
@@ -263,7 +264,7 @@ def bench_train_base(batch: int, n_surface: int, n_query: int, steps: int) -> di
         mm_prev = mm_next
     best = max(rows, key=lambda r: r["achieved_gflops"])
     return dict(model="base", params=sum(p.numel() for p in model.parameters()), batch=batch,
-                surface_points=n_surface, query_points=n_query, num_latents=model.cfg.num_latents,
+                surface_points=surface_points, query_points=n_query, num_tokens=model.config.num_tokens,
                 gflop_per_step=flops / 1e9, steps=rows,
                 median_fraction_of_matmul=statistics.median(r["fraction"] for r in rows),
                 best_step=best)
@@ -290,7 +291,8 @@ def bench_tiny_real(ckpts: list[str], data: str, objects: int, reps: int = 3) ->
 
     folder = ObjectFolder(data, split="val", val_fraction=0.1, split_seed=0)
     dirs = [folder.object_dir(i) for i in range(min(objects, len(folder)))]
-    models = {c: VecSetVAE.from_pretrained(c).eval() for c in ckpts}
+    # encoder input 4096 + 1024 points for every checkpoint (the timings of BENCHMARKS.md), not each one's own
+    models = {c: VecSetVAE.from_pretrained(c, surface_points=4096, sharp_points=1024).eval() for c in ckpts}
     out = {c: {"total_s": [], "encode_s": [], "decode_s": []} for c in ckpts}
     for d in dirs:
         for _ in range(reps):
@@ -300,7 +302,7 @@ def bench_tiny_real(ckpts: list[str], data: str, objects: int, reps: int = 3) ->
                 out[c]["total_s"].append(time.perf_counter() - t0)
                 out[c]["encode_s"].append(r["metrics"]["encode_s"])
                 out[c]["decode_s"].append(r["metrics"]["decode_s"])
-    return {c: dict(position_bias=models[c].cfg.position_bias, objects=len(dirs), repeats=reps,
+    return {c: dict(position_bias=models[c].config.position_bias, objects=len(dirs), repeats=reps,
                     **{f"median_{k}": statistics.median(v) for k, v in t.items()},
                     max_total_s=max(t["total_s"])) for c, t in out.items()}
 
@@ -319,10 +321,10 @@ def bench_hier_real(ckpt: str, data: str, objects: int, res: int) -> dict:
 
     variants = {"traced": dict(), "untraced_dil1": dict(trace=False, final_dilation=1)}
     folder = ObjectFolder(data, split="val", val_fraction=0.1, split_seed=0)
-    model = VecSetVAE.from_pretrained(ckpt).eval()
+    model = VecSetVAE.from_pretrained(ckpt, surface_points=4096, sharp_points=1024).eval()  # encoder input
     rows = {k: [] for k in ("dense", *variants)}
     for i in range(min(objects, len(folder))):
-        x = encoder_input(model, "vecset_vae", folder.object_dir(i), n_surface=4096, n_sharp=1024)
+        x = encoder_input(model, "vecset_vae", folder.object_dir(i))
         with torch.no_grad():
             fn = VecSetField(model, model.decode(encode_surface(model, x[0])))
             dense, sd = dense_field(fn, res)
@@ -352,15 +354,15 @@ def bench_tiny_step(data: str, reps: int, variants: dict[str, dict] | None = Non
     from shapeflow.data.datasets import VecSetDataset
 
     variants = variants or {"plain": {"position_bias": False}, "position_bias": {}}
-    ds = VecSetDataset(data, split="train", n_queries=2048, query_fractions=(0.5, 0.1, 0.4), n_surface=2048,
-                       n_sharp=512, val_fraction=0.1, split_seed=0)
+    ds = VecSetDataset(data, split="train", n_queries=2048, query_fractions=(0.5, 0.1, 0.4), surface_points=2048,
+                       sharp_points=512, val_fraction=0.1, split_seed=0)
     items = [ds[i] for i in range(8)]
     batch = {k: torch.stack([it[k] for it in items]) for k in ("surface", "points", "sdf", "groups")}
     cfg = VecSetLossConfig(kind="sdf", truncation=0.05, group_weights=(1.0, 2.0, 1.0))  # vecset_vae_tiny.yaml
     models = {}
     for name, overrides in variants.items():
         torch.manual_seed(0)
-        models[name] = VecSetVAE(from_preset("tiny", **overrides))
+        models[name] = VecSetVAE.from_preset("tiny", **overrides)
         torch.nn.init.normal_(models[name].geo_decoder.output_proj.weight, std=0.01)
     runs = {(f"{name}/{p}" if len(precisions) > 1 else name): (model, p)
             for name, model in models.items() for p in precisions}
@@ -383,9 +385,9 @@ def bench_mem_child(res: int, chunks: int, chunk: int, strategy: str) -> dict:
     (dense: the first ``chunks`` chunks, memory is at steady state after the first; hierarchical: in full,
     on the torus + net field of the decode benchmark)."""
     torch.manual_seed(0)
-    model = VecSetVAE(from_preset("base")).eval()
+    model = VecSetVAE.from_preset("base").eval()
     with torch.no_grad():
-        tokens = model.decode(torch.randn(1, model.cfg.num_latents, model.cfg.latent_channels))
+        tokens = model.decode(torch.randn(1, model.config.num_tokens, model.config.latent_channels))
     rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     net = VecSetField(model, tokens)
     calls = {"n": 0}
@@ -401,7 +403,7 @@ def bench_mem_child(res: int, chunks: int, chunk: int, strategy: str) -> dict:
 
     t0 = time.perf_counter()
     if strategy == "hierarchical":
-        torch.nn.init.normal_(model.geo_decoder.output_proj.weight, std=1.0 / math.sqrt(model.cfg.width))
+        torch.nn.init.normal_(model.geo_decoder.output_proj.weight, std=1.0 / math.sqrt(model.config.width))
         _, stats = hierarchical_field(lambda p: torus_sdf(p) + 0.005 * net(p), res, chunk_size=chunk)
         chunks = math.ceil(stats.queries / chunk)
     else:

@@ -34,11 +34,12 @@ import time
 import numpy as np
 import torch
 
-from shapeflow.config import TrainConfig
+from shapeflow.config import preset
 from shapeflow.data.datasets import VecSetDataset
 from shapeflow.metrics import volume_iou
 from shapeflow.models.vecset_losses import VecSetLossConfig, vecset_vae_loss
-from shapeflow.models.vecset_vae import VecSetVAE, from_preset
+from shapeflow.models.vecset_vae import VecSetVAE, VecSetVAEConfig
+from shapeflow.train.experiment import TrainConfig
 from shapeflow.train.loop import lr_at
 
 
@@ -130,14 +131,17 @@ def main() -> None:
         ap.error(f"--model / --loss must be JSON objects: {err}")
 
     torch.set_num_threads(args.threads)
-    common = dict(n_surface=2048, n_sharp=512, val_fraction=0.1, split_seed=0)
+    # encoder input 2048 + 512 points per shape (configs/vecset_vae_tiny.yaml) unless --model sets them
+    model_cfg = preset(VecSetVAEConfig, "tiny", **{"surface_points": 2048, "sharp_points": 512, **model_overrides})
+    common = dict(surface_points=model_cfg.surface_points, sharp_points=model_cfg.sharp_points, val_fraction=0.1,
+                  split_seed=0)
     fractions = tuple(float(x) for x in args.fractions.split(","))
     train = VecSetDataset(args.root, split="train", n_queries=args.queries, query_fractions=fractions, **common)
     torch.manual_seed(123)  # fixed held-out queries for every variant
     val = _batches(VecSetDataset(args.root, split="val", n_queries=4096, query_fractions=(0.5, 0.25, 0.25),
                                  **common), 8)
     torch.manual_seed(args.seed)
-    model = VecSetVAE(from_preset("tiny", **model_overrides))
+    model = VecSetVAE(model_cfg)
     loss_cfg = VecSetLossConfig(**{"kind": "occupancy", "group_weights": (1.0, 1.0, 1.0), "kl_weight": 1e-3,
                                    **loss_overrides})
     mean_cfg = dataclasses.replace(loss_cfg, sample_posterior=False)

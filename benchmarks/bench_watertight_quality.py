@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_watertight_quality.py [--resolution 256] [--write BENCHMARKS.md]
+    .venv/bin/python benchmarks/bench_watertight_quality.py [--resolution 256] [--write docs/log/watertight.md]
 
 For every mesh in ../shared/meshes (or ``--meshes DIR``): load, put in the canonical frame, convert
 with :func:`shapeflow.geometry.watertight.make_watertight`, check that the result is watertight, and
@@ -11,6 +11,9 @@ area-weighted samples on each surface (canonical frame, longest side 1.9), Chamf
 NN distance watertight->original + mean NN distance original->watertight), **not squared, mean of
 the two directions** (the OccNet convention), and F-score at 1% of the original's longest
 bounding-box side (tau = 0.019). Target: mean F@1% >= 0.99.
+
+Prints the report (a markdown section with the table); ``--write PATH`` also writes it to its own markdown
+file, replacing that file (BENCHMARKS.md keeps only the current result of each target, by hand).
 """
 
 from __future__ import annotations
@@ -24,11 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from _report import write_section  # benchmarks/ is sys.path[0] when run as a script
-
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MESHES = ROOT.parent / "shared" / "meshes"
-SECTION = "bench_watertight_quality"
 EXTS = (".obj", ".ply", ".stl", ".off", ".glb", ".gltf")
 
 
@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--points", type=int, default=100_000)
     ap.add_argument("--eps-voxels", type=float, default=None, help="default: the library's (0.75)")
-    ap.add_argument("--write", type=Path, default=None, help="BENCHMARKS.md to update")
+    ap.add_argument("--write", type=Path, default=None, metavar="PATH",
+                    help="also write the report to this markdown file (e.g. docs/log/watertight.md), "
+                         "replacing it; not BENCHMARKS.md")
     args = ap.parse_args(argv)
     if args.eps_voxels is None:
         from shapeflow.geometry.watertight import DEFAULT_EPS_VOXELS
@@ -140,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write:
-        write_section(args.write, f"{SECTION}_r{args.resolution}_e{args.eps_voxels:g}", text)
+        from shapeflow.fileio import write_text
+
+        write_text(args.write, text)  # atomically, the whole file
     return 0
 
 

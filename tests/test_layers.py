@@ -5,7 +5,7 @@ Layers, lowest first (a module may import its own layer and the ones below):
 
 0. base      ``shapeflow`` (the package), ``fileio``, ``config``
 1. geometry  ``geometry/*`` (numpy only, no torch), ``metrics``, ``render``
-2. nn        ``nn/*``, ``flow``, ``sampling``, ``checkpoint``
+2. nn        ``nn/*``, ``sparse/*`` (the sparse-voxel engine), ``flow``, ``sampling``, ``checkpoint``
 3. models    ``models/*``
 4. data      ``data/*``, ``decode``
 5. train     ``train/*``
@@ -31,7 +31,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "shapeflow"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("shapeflow", "shapeflow.fileio", "shapeflow.config")),
     ("geometry", ("shapeflow.geometry", "shapeflow.metrics", "shapeflow.render")),
-    ("nn", ("shapeflow.nn", "shapeflow.flow", "shapeflow.sampling", "shapeflow.checkpoint")),
+    ("nn", ("shapeflow.nn", "shapeflow.sparse", "shapeflow.flow", "shapeflow.sampling", "shapeflow.checkpoint")),
     ("models", ("shapeflow.models",)),
     ("data", ("shapeflow.data", "shapeflow.decode")),
     ("train", ("shapeflow.train",)),
@@ -172,7 +172,7 @@ def test_geometry_is_torch_free():
 
 def test_ruff_bans_follow_the_layers():
     """Each layer folder's ruff.toml bans exactly the shapeflow packages of the layers above it."""
-    for folder in ("geometry", "nn", "models", "data", "train"):
+    for folder in ("geometry", "nn", "sparse", "models", "data", "train"):
         cfg = tomllib.loads((SRC / folder / "ruff.toml").read_text(encoding="utf-8"))
         banned = set(cfg["lint"]["flake8-tidy-imports"]["banned-api"])
         mine = layer_of(f"shapeflow.{folder}")

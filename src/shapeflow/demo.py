@@ -66,13 +66,13 @@ class DemoConfig:
     sharp_points: int = 4_096  # sharp-edge samples per object
     sdf_points: int = 32_768  # SDF samples per object
     real_resolution: int = 256  # watertight grid for the real meshes
-    budget_s: float = 840.0  # wall time of `shapeflow demo` the training is fitted to (make demo: + set-up)
+    budget_s: float = 800.0  # wall time of `shapeflow demo` the training is fitted to (make demo: + set-up)
     max_vae_steps: int = 1100  # the VAE recipe: steps where the budget allows
     max_dit_steps: int = 4000  # the DiT recipe
     min_fraction: float = 0.25  # never train less than this share of the recipe (the machine is too slow then)
     vae_steps: int | None = None  # fixed VAE steps (None: fitted to the budget)
     dit_steps: int | None = None  # fixed DiT steps (None: fitted to the budget)
-    probe_steps: int = 6  # timed steps per stage when fitting
+    probe_steps: int = 8  # timed steps per stage when fitting (after 2 untimed ones)
     step_margin: float = 1.1  # plan with the timed step x this: validation, saving and a busy machine cost more
     precision: str = "auto"  # train.precision of both stages (auto: bf16 on native-bf16 CPUs and CUDA)
     tail_vae_steps: int = 180  # what latents + generate + evaluate cost, in VAE steps (reserved in the plan)

@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--dit-steps", type=int, default=None, metavar="N",
                    help="DiT training steps (default: the recipe's, fewer if the time budget needs it)")
     p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
-                   help="time budget of the run the training is fitted to (default 840)")
+                   help="time budget of the run the training is fitted to (default 800)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
                    help="training precision (default auto: bf16 where the CPU has native bf16, else fp32)")
     p.add_argument("--workers", type=int, default=None)

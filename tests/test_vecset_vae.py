@@ -507,6 +507,20 @@ def test_attention_runs_in_float32_under_cpu_autocast(monkeypatch):
     assert err < 0.02, err
 
 
+def test_a_boolean_mask_still_masks_under_cpu_autocast():
+    # a boolean mask must not be cast to float (True -> +1.0 would be a bias, not a mask)
+    from shapeflow.nn.attention import sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g) for n in (5, 6, 6))
+    mask = torch.ones(5, 6, dtype=torch.bool)
+    mask[:, 3:] = False
+    ref = F.scaled_dot_product_attention(q, k[:, :, :3], v[:, :, :3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sdpa(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=2e-2)
+
+
 def test_position_bias_loss_term_and_gradients():
     batch = sphere_batch()
     m = tiny_model(position_bias=True)

@@ -43,9 +43,10 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.
     """
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
+        if attn_mask is not None and attn_mask.dtype != torch.bool:
+            attn_mask = attn_mask.float()  # an additive bias; a boolean mask stays boolean
         with torch.autocast("cpu", enabled=False):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale,
-                                                 attn_mask=None if attn_mask is None else attn_mask.float())
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=scale, attn_mask=attn_mask)
         return out.to(dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
 

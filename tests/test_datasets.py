@@ -9,7 +9,14 @@ import trimesh
 from torch.utils.data import DataLoader
 
 from shapeflow.data import preprocess as pp
-from shapeflow.data.datasets import GridDataset, VecSetDataset, class_names, is_val
+from shapeflow.data.datasets import (
+    GridDataset,
+    SparseSDFDataset,
+    VecSetDataset,
+    class_names,
+    collate_sparse,
+    is_val,
+)
 
 COUNTS = dict(surface_points=32, sharp_points=8, n_queries=32)
 
@@ -154,3 +161,96 @@ def test_grid_dataset(prepared):
 def test_missing_folder_raises(tmp_path):
     with pytest.raises(FileNotFoundError):
         VecSetDataset(tmp_path, **COUNTS)
+
+
+SPARSE_RES = 32
+
+
+@pytest.fixture(scope="module")
+def prepared_sparse(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sparse")
+    meshes = {"ball": trimesh.creation.icosphere(2, radius=0.7), "cube": trimesh.creation.box(extents=(1, 2, 1))}
+    for cls, m in meshes.items():
+        p = root / "in" / cls / f"{cls}_0000.obj"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        m.export(p)
+    cfg = pp.PreprocessConfig(resolution=32, surface_points=200, sharp_points=50, sdf_points=300,
+                              sparse_res=SPARSE_RES)
+    assert pp.preprocess_dataset(root / "in", root / "out", cfg, workers=0, progress=False).ok == 2
+    return root / "out"
+
+
+def test_sparse_items_are_the_stored_band(prepared_sparse):
+    from shapeflow.data import format as fmt
+
+    ds = SparseSDFDataset(prepared_sparse, res=SPARSE_RES, split="all", classes=["ball", "cube"])
+    assert len(ds) == 2
+    for i in range(len(ds)):
+        item = ds[i]
+        a = fmt.read_sample_file(ds.object_dir(i) / fmt.SAMPLES_FILE)
+        assert item["coords"].dtype == torch.int32 and item["coords"].shape == (len(a["sparse_sdf"]), 3)
+        assert item["sdf"].dtype == torch.float32
+        assert np.array_equal(item["coords"].numpy(), a["sparse_coords"])
+        assert np.array_equal(item["sdf"].numpy(), a["sparse_sdf"])
+        assert item["id"] == ds.records[i]["id"] and item["label"] in (0, 1)
+
+
+def test_collate_sparse_batches_by_concatenation(prepared_sparse):
+    ds = SparseSDFDataset(prepared_sparse, res=SPARSE_RES, split="all")
+    items = [ds[0], ds[1]]
+    batch = collate_sparse(items)
+    n = [len(it["sdf"]) for it in items]
+    assert batch["batch_size"] == 2 and batch["id"] == [it["id"] for it in items]
+    c = batch["coords"]
+    assert c.dtype == torch.int32 and c.shape == (sum(n), 4) and batch["sdf"].shape == (sum(n),)
+    assert c[:, 0].tolist() == [0] * n[0] + [1] * n[1]
+    key = ((c[:, 0].long() * 33 + c[:, 1]) * 33 + c[:, 2]) * 33 + c[:, 3]
+    assert bool((key[1:] > key[:-1]).all())  # sorted by (b, i, j, k)
+    assert torch.equal(batch["sdf"], torch.cat([it["sdf"] for it in items]))
+    # an unsorted item is sorted with its values
+    shuffled = dict(items[0])
+    perm = torch.randperm(n[0], generator=torch.Generator().manual_seed(0))
+    shuffled["coords"], shuffled["sdf"] = items[0]["coords"][perm], items[0]["sdf"][perm]
+    again = collate_sparse([shuffled])
+    assert torch.equal(again["coords"][:, 1:], items[0]["coords"]) and torch.equal(again["sdf"], items[0]["sdf"])
+    # through a DataLoader, with labels
+    labelled = SparseSDFDataset(prepared_sparse, res=SPARSE_RES, split="all", classes={"ball": 4, "cube": 9})
+    (b,) = list(DataLoader(labelled, batch_size=2, collate_fn=collate_sparse))
+    assert b["label"].tolist() == [labelled[0]["label"], labelled[1]["label"]] and b["label"].dtype == torch.int64
+    assert torch.equal(b["coords"], collate_sparse([labelled[0], labelled[1]])["coords"])
+    with pytest.raises(ValueError):
+        collate_sparse([])
+
+
+def test_sparse_max_nodes_is_a_sorted_seeded_subset(prepared_sparse):
+    full = SparseSDFDataset(prepared_sparse, res=SPARSE_RES, split="all")[0]
+    ds = SparseSDFDataset(prepared_sparse, res=SPARSE_RES, split="all", max_nodes=100)
+    torch.manual_seed(5)
+    a = ds[0]
+    torch.manual_seed(5)
+    b = ds[0]
+    assert torch.equal(a["coords"], b["coords"]) and len(a["sdf"]) == 100
+    assert not torch.equal(a["coords"], ds[0]["coords"])  # the next draw differs
+    rows = {tuple(r): v for r, v in zip(full["coords"].tolist(), full["sdf"].tolist())}
+    assert all(rows[tuple(r)] == v for r, v in zip(a["coords"].tolist(), a["sdf"].tolist()))
+    key = (a["coords"][:, 0].long() * 33 + a["coords"][:, 1]) * 33 + a["coords"][:, 2]
+    assert bool((key[1:] > key[:-1]).all())
+    with pytest.raises(ValueError):
+        SparseSDFDataset(prepared_sparse, res=SPARSE_RES, max_nodes=0)
+
+
+def test_sparse_dataset_refuses_other_resolutions(prepared_sparse, prepared):
+    with pytest.raises(ValueError, match="sparse_res=32, not 64") as err:
+        SparseSDFDataset(prepared_sparse, res=64)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="sparse_res=None"):  # a folder made without --sparse-res
+        SparseSDFDataset(prepared, res=SPARSE_RES)
+    # an object that does not match (e.g. copied in from another folder) is named when it is read
+    ds = SparseSDFDataset(prepared_sparse, res=SPARSE_RES, split="all")
+    ds.res = 64
+    with pytest.raises(ValueError, match=ds.records[0]["id"]) as err:
+        ds[0]
+    assert "\n" not in str(err.value) and "sparse_res 32, not 64" in str(err.value)
+    ds.res, ds.root, ds.records = SPARSE_RES, prepared, GridDataset(prepared, split="all").records
+    with pytest.raises(ValueError, match=f"{ds.records[0]['id']}.*no sparse SDF band"):
+        ds[0]

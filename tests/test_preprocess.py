@@ -391,3 +391,76 @@ def test_read_manifest_skips_a_torn_line(tmp_path):
     )
     recs = pp.read_manifest(tmp_path)
     assert [r["id"] for r in recs] == ["a"]
+
+
+def test_sparse_band_is_written_exactly(tmp_path):
+    from shapeflow.geometry import grid
+
+    src = write_good(tmp_path / "in")[0]  # the icosphere
+    cfg = pp.PreprocessConfig(**{**dataclass_kwargs(CFG), "sparse_res": 40})
+    rec = pp.process_object(src, tmp_path / "out", cfg)
+    assert rec["status"] == "ok", rec["error"]
+    oid = rec["id"]
+    a = fmt.read_sample_file(tmp_path / "out" / oid / fmt.SAMPLES_FILE)
+    fmt.validate(a)
+    coords, sdf = a["sparse_coords"], a["sparse_sdf"]
+    assert coords.dtype == np.int16 and sdf.dtype == np.float32 and int(a["sparse_res"]) == 40
+    meta = json.loads((tmp_path / "out" / oid / fmt.META_FILE).read_text())
+    assert meta["sparse"]["res"] == 40 and meta["sparse"]["nodes"] == len(sdf) == rec["stats"]["sparse_nodes"]
+    assert rec["stats"]["t_sparse"] > 0
+    # The band of the stored watertight mesh, by brute force over all 41^3 nodes.
+    v, f = load_mesh(tmp_path / "out" / oid / fmt.MESH_FILE)
+    dense = MeshDistance(v, f).signed_distance(grid.node_points(40, dtype=np.float64))
+    keys = (coords[:, 0].astype(np.int64) * 41 + coords[:, 1]) * 41 + coords[:, 2]
+    assert np.array_equal(keys, np.flatnonzero(np.abs(dense) <= np.sqrt(3.0) * grid.spacing(40)))
+    assert np.abs(dense[keys] - sdf).max() < 1e-6
+    with pytest.raises(ValueError, match="sparse_res"):
+        pp.PreprocessConfig(sparse_res=1)
+
+
+def test_cli_sparse_res_flag(tmp_path):
+    from shapeflow.commands import preprocess as cmd
+
+    src = write_good(tmp_path / "in")[1]
+    parser = argparse.ArgumentParser()
+    cmd.register(parser.add_subparsers())
+    base = ["preprocess", str(src), str(tmp_path / "out"), "--workers", "0", "--resolution", "32",
+            "--surface-points", "300", "--sharp-points", "50", "--sdf-points", "500", "--no-progress"]
+    assert parser.parse_args(base).sparse_res is None  # off unless asked for
+    args = parser.parse_args(base + ["--sparse-res", "24"])
+    assert args.func(args) == 0
+    (rec,) = pp.read_manifest(tmp_path / "out")
+    assert rec["status"] == "ok" and rec["stats"]["sparse_nodes"] > 0
+    a = fmt.read_sample_file(tmp_path / "out" / rec["id"] / fmt.SAMPLES_FILE, ["sparse_res", "sparse_coords"])
+    assert int(a["sparse_res"]) == 24 and a["sparse_coords"].max() <= 24
+    assert json.loads((tmp_path / "out" / pp.CONFIG_FILE).read_text())["sparse_res"] == 24
+
+
+def test_sample_file_validates_the_sparse_band():
+    rng = np.random.default_rng(0)
+    arrays = {
+        "surface_points": rng.random((4, 3), dtype=np.float32),
+        "surface_normals": rng.random((4, 3), dtype=np.float32),
+        "surface_sharp": np.zeros(4, bool),
+        "sdf_points": rng.random((3, 3), dtype=np.float32),
+        "sdf_values": rng.random(3, dtype=np.float32),
+        "sdf_group": np.zeros(3, np.uint8),
+        "occ64": np.zeros((64, 64, 64), bool),
+    }
+    h = 2.0 / 8
+    band = {"sparse_coords": np.array([[0, 1, 2], [0, 2, 0], [8, 8, 8]], np.int16),
+            "sparse_sdf": np.array([0.1, -0.2, 0.0], np.float32), "sparse_res": np.asarray(8, np.int32)}
+    fmt.validate({**arrays, **band})
+    bad = [
+        ({"sparse_res": np.asarray(7, np.int32)}, "0 .. 7"),  # index 8 outside the grid
+        ({"sparse_coords": band["sparse_coords"][[1, 0, 2]]}, "sorted"),
+        ({"sparse_coords": band["sparse_coords"][[0, 0, 2]]}, "duplicates"),
+        ({"sparse_sdf": np.array([0.1, -0.2, 1.8 * h], np.float32)}, "sqrt"),
+        ({"sparse_coords": band["sparse_coords"].astype(np.int32)}, "sparse_coords"),
+        ({"sparse_sdf": band["sparse_sdf"][:2]}, "Nb"),
+    ]
+    for change, message in bad:
+        with pytest.raises(ValueError, match=message):
+            fmt.validate({**arrays, **band, **change})
+    with pytest.raises(ValueError, match="together"):
+        fmt.validate({**arrays, "sparse_coords": band["sparse_coords"], "sparse_sdf": band["sparse_sdf"]})

@@ -25,7 +25,8 @@ def register(subparsers) -> None:
         epilog=(
             "examples:\n"
             "  shapeflow preprocess data/synth data/prep --workers 2\n"
-            "  shapeflow preprocess meshes.txt data/prep --shard $SLURM_ARRAY_TASK_ID/64 --resolution 512"
+            "  shapeflow preprocess meshes.txt data/prep --shard $SLURM_ARRAY_TASK_ID/64 --resolution 512\n"
+            "  shapeflow preprocess data/synth data/prep_sparse --sparse-res 256   # sparse SDF VAE data"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -59,6 +60,10 @@ def register(subparsers) -> None:
                    help="also store a dense truncated SDF on an (R+1)^3 node grid (default: off)")
     p.add_argument("--tsdf-trunc", type=float, default=None, metavar="T",
                    help="TSDF truncation in canonical units (default: 2 TSDF voxels)")
+    p.add_argument("--sparse-res", type=int, default=None, metavar="R",
+                   help="also store the sparse SDF band (the nodes with |sdf| <= sqrt(3) voxels and their exact "
+                        "SDF) on the node grid with R cells: 256 by default for the sparse SDF VAE family; "
+                        "512 / 1024 on servers (default: off)")
     p.add_argument("--render-views", type=int, default=0, metavar="N",
                    help="also render N random RGBA views per object (image-conditioning data; default 0)")
     p.add_argument("--render-size", type=int, default=_DEFAULT.render_size, metavar="PX",
@@ -85,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         sdf_fractions=tuple(args.sdf_fractions),
         tsdf_res=args.tsdf_res,
         tsdf_trunc=args.tsdf_trunc,
+        sparse_res=args.sparse_res,
         render_views=args.render_views,
         render_size=args.render_size,
         seed=args.seed,

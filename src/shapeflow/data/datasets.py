@@ -18,6 +18,10 @@ Design choices
   item, where the draw is then exactly reproducible (``--resume``). The numpy global RNG is never used.
 * Subsampling is without replacement when a group has enough points, with replacement otherwise. An
   object without sharp samples fills the sharp slots with uniform points whose sharp flag is 0.
+* **Sparse SDF band** (:class:`SparseSDFDataset`, :func:`collate_sparse`): variable-size items (the band
+  nodes of one object at the resolution R it was preprocessed with, ``--sparse-res R``), batched by
+  concatenation with the batch index as a leading coordinate column (the layout of sparse-convolution
+  engines), not by stacking.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import torch
 from torch.utils.data import Dataset
 
 from shapeflow.data import format as fmt
-from shapeflow.data.preprocess import read_manifest
+from shapeflow.data.preprocess import CONFIG_FILE, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -284,3 +288,126 @@ class GridDataset(ObjectFolder):
         item = self._base_item(index)
         item["grid"] = torch.from_numpy(np.ascontiguousarray(g)[None])  # (1, r, r, r)
         return item
+
+
+class SparseSDFDataset(ObjectFolder):
+    """Items for sparse SDF VAEs (Direct3D-S2 / TRELLIS.2 family): the SDF band of an object.
+
+    The band (:mod:`shapeflow.geometry.sparse_band`, :mod:`shapeflow.data.format`) is every node of the
+    node grid with ``R`` cells whose exact signed distance satisfies ``|sdf| <= sqrt(3) h``
+    (``h = 2 * BOUND / R``), stored sorted by ``(i, j, k)``.
+
+    Parameters
+    ----------
+    root, split, val_fraction, split_seed, classes
+      See :class:`ObjectFolder`.
+    res : int
+      The band's resolution ``R``; the folder must have been preprocessed with ``--sparse-res R``.
+    max_nodes : int or None
+      At most this many band nodes per item: a random subset without replacement, kept in sorted order,
+      drawn from the worker-safe per-item generator of the other datasets (module docstring). Default
+      None, the full band, which is what the sparse VAEs need: the band *is* the sparse structure (the
+      active sites and, by parent = index >> 1, the coarser levels' existence masks), so a subset punches
+      holes in it. A cap only bounds memory for experiments (or losses that need values, not structure).
+
+    Item
+    ----
+    ``coords``: (N, 3) int32 node indices ``[i, j, k]`` in ``0 .. R``, sorted lexicographically;
+    ``sdf``: (N,) float32 exact signed distance in canonical units, negative inside; ``id``: str;
+    ``label``: int when ``classes`` is given. ``N`` varies per object; batch with :func:`collate_sparse`.
+
+    Raises
+    ------
+    ValueError
+      If the folder was preprocessed with another ``sparse_res`` (or none) or ``max_nodes < 1``; when an
+      item is read, if its object has no band or one at another resolution (one line naming the object).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        res: int,
+        split: str = "train",
+        val_fraction: float = 0.05,
+        split_seed: int = 0,
+        classes: Sequence[str] | Mapping[str, int] | None = None,
+        max_nodes: int | None = None,
+    ) -> None:
+        super().__init__(root, split=split, val_fraction=val_fraction, split_seed=split_seed, classes=classes)
+        if isinstance(res, bool) or int(res) != res or res < 1:
+            raise ValueError(f"res must be a positive integer, got {res!r}")
+        if max_nodes is not None and max_nodes < 1:
+            raise ValueError(f"max_nodes must be >= 1 or None, got {max_nodes}")
+        self.res = int(res)
+        self.max_nodes = None if max_nodes is None else int(max_nodes)
+        config = self.root / CONFIG_FILE
+        if config.is_file():  # every object of a folder shares its config: refuse a wrong folder up front
+            made = json.loads(config.read_text(encoding="utf-8")).get("sparse_res")
+            if made != self.res:
+                raise ValueError(f"{self.root} was preprocessed with sparse_res={made}, not {self.res} "
+                                 f"(preprocess with --sparse-res {self.res})")
+
+    def __getitem__(self, index: int) -> dict:
+        oid = self.records[index]["id"]
+        path = self.object_dir(index) / fmt.SAMPLES_FILE
+        try:
+            a = fmt.read_sample_file(path, list(fmt.SPARSE_ARRAYS), mmap=True)
+        except KeyError:
+            raise ValueError(f"object {oid} ({path}): no sparse SDF band (preprocess with --sparse-res "
+                             f"{self.res})") from None
+        made = int(a["sparse_res"])
+        if made != self.res:
+            raise ValueError(f"object {oid} ({path}) was preprocessed at sparse_res {made}, not {self.res}")
+        coords, sdf = a["sparse_coords"], a["sparse_sdf"]
+        if self.max_nodes is not None and len(sdf) > self.max_nodes:
+            keep = np.sort(self._rng(index).choice(len(sdf), size=self.max_nodes, replace=False))
+            coords, sdf = coords[keep], sdf[keep]
+        item = self._base_item(index)
+        item["coords"] = torch.from_numpy(np.array(coords, dtype=np.int32))  # (N, 3) copies off the map
+        item["sdf"] = torch.from_numpy(np.array(sdf, dtype=np.float32))  # (N,)
+        return item
+
+
+def collate_sparse(items: Sequence[Mapping]) -> dict:
+    """Batch sparse band items by concatenation (the DataLoader ``collate_fn`` of :class:`SparseSDFDataset`).
+
+    Parameters
+    ----------
+    items : sequence of dict
+      Each with ``coords`` (N_b, 3) int, ``sdf`` (N_b,) float, ``id`` and optionally ``label`` and
+      ``shape`` (nodes per axis of a cropped grid; all items then share it). An item whose coordinates are
+      not sorted by ``(i, j, k)`` is sorted here.
+
+    Returns
+    -------
+    batch : dict
+      ``coords``: (N_total, 4) int32 ``[b, i, j, k]`` sorted by ``(b, i, j, k)``; ``sdf``: (N_total,)
+      float32 in the same order; ``batch_size``: int; ``id``: list of str; ``label``: (B,) int64 when
+      the items have labels; ``shape``: int when the items have one.
+    """
+    if len(items) == 0:
+        raise ValueError("collate_sparse needs at least one item")
+    coords, sdf = [], []
+    for b, it in enumerate(items):
+        c = torch.as_tensor(it["coords"]).to(torch.int32)  # (n, 3)
+        v = torch.as_tensor(it["sdf"]).to(torch.float32)  # (n,)
+        if c.ndim != 2 or c.shape[1] != 3 or v.shape != (len(c),):
+            raise ValueError(f"item {b}: expected coords (N, 3) and sdf (N,), got {tuple(c.shape)} and "
+                             f"{tuple(v.shape)}")
+        key = (c[:, 0].long() << 32) | (c[:, 1].long() << 16) | c[:, 2].long()  # indices < 2^15
+        if len(key) > 1 and not bool((key[1:] > key[:-1]).all()):
+            order = torch.argsort(key, stable=True)
+            c, v = c[order], v[order]
+        coords.append(torch.cat([torch.full((len(c), 1), b, dtype=torch.int32), c], dim=1))  # (n, 4)
+        sdf.append(v)
+    batch = {"coords": torch.cat(coords), "sdf": torch.cat(sdf), "batch_size": len(items),
+             "id": [it["id"] for it in items]}
+    if "label" in items[0]:
+        batch["label"] = torch.as_tensor([int(it["label"]) for it in items], dtype=torch.int64)
+    if "shape" in items[0]:
+        shapes = {int(it["shape"]) for it in items}
+        if len(shapes) != 1:
+            raise ValueError(f"collate_sparse: items on grids of different shapes {sorted(shapes)}")
+        batch["shape"] = shapes.pop()
+    return batch

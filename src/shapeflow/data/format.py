@@ -33,9 +33,26 @@ name                shape                   dtype    meaning
 ``tsdf``            (R+1, R+1, R+1)         float32  optional: truncated SDF on the node grid with R
                                                      cells, clipped to ``+-trunc`` (R and trunc in
                                                      meta.json)
+``sparse_coords``   (Nb, 3)                 int16    optional (``--sparse-res R``): node indices
+                                                     ``[i, j, k]`` in ``0 .. R`` of the sparse SDF band,
+                                                     sorted lexicographically by ``(i, j, k)``, unique
+``sparse_sdf``      (Nb,)                   float32  their exact signed distances (canonical units,
+                                                     **negative inside**), ``|sdf| <= sqrt(3) h``
+``sparse_res``      ()                      int32    R, the cells per axis of that node grid
 ==================  ======================  =======  ==================================================
 
 Grids are indexed ``[i, j, k] = [x, y, z]`` (:mod:`shapeflow.geometry.grid`).
+
+**Sparse SDF band** (the data of the sparse SDF VAEs, Direct3D-S2 / TRELLIS.2;
+:mod:`shapeflow.geometry.sparse_band`): on THE node grid with ``R`` cells over ``[-BOUND, BOUND]^3``
+(``h = 2 * BOUND / R``, node ``(i, j, k)`` at ``-BOUND + (i, j, k) * h``), the band is every node with
+``|sdf| <= sqrt(3) * h`` ("sqrt(3) voxels"): each corner of a cell the surface passes through is within
+one cell diagonal of a surface point, so every cell with a sign change has its 8 corners in the band and
+marching cubes over the cells whose 8 corners are band nodes recovers the whole surface. The three
+arrays are present together or not at all; ``R`` is stored in the file itself (``sparse_res``, so a
+reader needs nothing else) and in ``meta.json`` (``"sparse": {"res": R, ...}``). Coarser levels (the
+existence masks, parent = index >> 1) are derived by the consumers and not stored. A surface of area
+``A`` has about ``2 sqrt(3) A / h^2`` band nodes (10 bytes each): 16x more at ``R = 1024`` than at 256.
 
 Why safetensors: it is a flat header + raw little-endian buffers that load by memory map, many times
 faster than an uncompressed ``.npz`` (whose zip members are copied); a data loader that reads only
@@ -45,6 +62,7 @@ faster than an uncompressed ``.npz`` (whose zip members are copied); a data load
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -53,6 +71,7 @@ from safetensors import safe_open
 from safetensors.numpy import save
 
 from shapeflow import fileio
+from shapeflow.geometry.frame import BOUND
 
 SAMPLES_FILE = "samples.safetensors"
 MESH_FILE = "watertight.ply"
@@ -76,7 +95,14 @@ ARRAYS: dict[str, tuple[np.dtype, tuple]] = {
 }
 OPTIONAL_ARRAYS: dict[str, tuple[tuple[np.dtype, ...], tuple]] = {
     "tsdf": ((np.dtype(np.float32), np.dtype(np.float16)), ("R1", "R1", "R1")),
+    "sparse_coords": ((np.dtype(np.int16),), ("Nb", 3)),
+    "sparse_sdf": ((np.dtype(np.float32),), ("Nb",)),
+    "sparse_res": ((np.dtype(np.int32),), ()),
 }
+SPARSE_ARRAYS = ("sparse_coords", "sparse_sdf", "sparse_res")
+"""The sparse SDF band: present together or not at all."""
+SPARSE_BAND_VOXELS = math.sqrt(3.0)
+"""Half width of the sparse SDF band in voxels of its grid (see the module docstring)."""
 
 GROUP_UNIFORM, GROUP_NEAR_FINE, GROUP_NEAR_COARSE = 0, 1, 2
 
@@ -105,6 +131,29 @@ def validate(arrays: dict[str, np.ndarray]) -> None:
         raise ValueError("surface_sharp must mark a tail: uniform points first, then sharp points")
     if np.any(np.diff(np.asarray(arrays["sdf_group"]).astype(np.int16)) < 0):
         raise ValueError("sdf_group must be sorted: group 0 first, then 1, then 2")
+    _validate_sparse(arrays)
+
+
+def _validate_sparse(arrays: dict[str, np.ndarray]) -> None:
+    """The sparse band's arrays: all or none, indices in the grid, sorted and unique, within the band."""
+    present = [k for k in SPARSE_ARRAYS if k in arrays]
+    if not present:
+        return
+    if len(present) != len(SPARSE_ARRAYS):
+        raise ValueError(f"sparse band arrays come together: got {present}, expected all of {list(SPARSE_ARRAYS)}")
+    res = int(arrays["sparse_res"])
+    if not 1 <= res <= np.iinfo(np.int16).max:
+        raise ValueError(f"sparse_res must be in [1, {np.iinfo(np.int16).max}], got {res}")
+    c = np.asarray(arrays["sparse_coords"]).astype(np.int64)
+    if len(c) and (c.min() < 0 or c.max() > res):
+        raise ValueError(f"sparse_coords must lie in 0 .. {res} (sparse_res)")
+    keys = (c[:, 0] * (res + 1) + c[:, 1]) * (res + 1) + c[:, 2]
+    if np.any(np.diff(keys) <= 0):
+        raise ValueError("sparse_coords must be sorted by (i, j, k) without duplicates")
+    sdf = np.asarray(arrays["sparse_sdf"])
+    limit = SPARSE_BAND_VOXELS * 2.0 * BOUND / res
+    if not np.isfinite(sdf).all() or (len(sdf) and np.abs(sdf).max() > limit * (1 + 1e-6)):
+        raise ValueError(f"sparse_sdf must be finite with |sdf| <= sqrt(3) * h = {limit:.6g}")
 
 
 def _check_one(name: str, a: np.ndarray, dtypes: tuple, shape: tuple, sizes: dict[str, int]) -> None:
@@ -124,7 +173,7 @@ def _check_one(name: str, a: np.ndarray, dtypes: tuple, shape: tuple, sizes: dic
 def write_sample_file(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
     """Validate and atomically write one object's arrays as safetensors."""
     validate(arrays)
-    data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
+    data = save({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in arrays.items()})  # keeps 0-d
     fileio.write_bytes(path, data)
 
 

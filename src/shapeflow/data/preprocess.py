@@ -2,8 +2,9 @@
 
 Per object (:func:`process_object`): load -> canonical frame -> watertight surface (with ``keep_closed``
 an input that already is closed is used as it is) -> uniform and sharp surface points -> SDF query
-points and exact signed distances -> 64^3 shell occupancy (-> optional dense TSDF) -> files. The file
-layout is :mod:`shapeflow.data.format`.
+points and exact signed distances -> 64^3 shell occupancy (-> optional dense TSDF) (-> optional sparse SDF
+band at ``sparse_res``, :mod:`shapeflow.geometry.sparse_band`) -> files. The file layout is
+:mod:`shapeflow.data.format`.
 
 Dataset driver (:func:`preprocess_dataset`, CLI ``shapeflow preprocess``)
 -----------------------------------------------------------------------
@@ -40,7 +41,8 @@ Dataset driver (:func:`preprocess_dataset`, CLI ``shapeflow preprocess``)
   own ``len(cpus) // workers`` CPUs (Linux ``sched_setaffinity``), so N workers run N x (CPUs / N)
   threads instead of N x CPUs; a single worker uses all CPUs.
 * **Statistics** per object: faces/vertices in, ``watertight_in`` (after welding vertices), faces
-  and vertices out, components, sharp edges, sample counts, seconds per stage, total ``seconds``
+  and vertices out, components, sharp edges, sample counts (``sparse_nodes``: the sparse band's nodes),
+  seconds per stage (``t_load`` ... ``t_sparse``, ``t_write``), total ``seconds``
   (wall) and ``cpu_seconds`` (process CPU time: the wall time on an idle core), and ``peak_rss_mb``
   (the worker process' peak resident memory so far, ``ru_maxrss``).
 """
@@ -65,7 +67,7 @@ from tqdm import tqdm
 
 from shapeflow import fileio
 from shapeflow.data import format as fmt
-from shapeflow.geometry import grid, labels, sampling
+from shapeflow.geometry import grid, labels, sampling, sparse_band
 from shapeflow.geometry.distance import MeshDistance, voxel_distance_bound
 from shapeflow.geometry.frame import BOUND, normalize_vertices
 from shapeflow.geometry.io import MESH_EXTENSIONS, load_mesh, save_mesh
@@ -103,6 +105,8 @@ class PreprocessConfig:
     near_sigmas: tuple[float, float] = (0.005, 0.05)  # Gaussian noise of the near groups (Hunyuan3D-2.1)
     tsdf_res: int | None = None  # dense truncated SDF with this many cells (None: skip)
     tsdf_trunc: float | None = None  # TSDF truncation in canonical units (None: 2 TSDF voxels)
+    sparse_res: int | None = None  # sparse SDF band (|sdf| <= sqrt(3) voxels) on this node grid (None: skip);
+    #   256 for the sparse SDF VAE family, 512 / 1024 on servers
     render_views: int = 0  # RGBA renders of the watertight mesh per object (image-conditioning data)
     render_size: int = 256  # pixels per side of those renders
     seed: int = 0  # combined with the object id for per-object randomness
@@ -120,6 +124,8 @@ class PreprocessConfig:
             raise ValueError("render_views must be >= 0 and render_size >= 8")
         if self.tsdf_res is not None and self.tsdf_res < 2:
             raise ValueError(f"tsdf_res must be >= 2, got {self.tsdf_res}")
+        if self.sparse_res is not None and not 2 <= self.sparse_res <= sparse_band.MAX_RES:
+            raise ValueError(f"sparse_res must be in [2, {sparse_band.MAX_RES}], got {self.sparse_res}")
 
     def sdf_counts(self) -> tuple[int, int, int]:
         """Numbers of uniform, near-fine and near-coarse query points (summing to ``sdf_points``)."""
@@ -357,6 +363,16 @@ def _process(path: Path, out_dir: Path, cfg: PreprocessConfig, oid: str, stats: 
         arrays["tsdf"] = tsdf
         meta_extra["tsdf"] = {"res": int(cfg.tsdf_res), "trunc": trunc, "grid": "node", "bound": BOUND}
         lap("t_tsdf")
+    if cfg.sparse_res is not None:
+        coords, band_sdf = sparse_band.band_nodes(wt.vertices, wt.faces, cfg.sparse_res, distance=surf,
+                                                  band=fmt.SPARSE_BAND_VOXELS)
+        arrays["sparse_coords"] = coords
+        arrays["sparse_sdf"] = band_sdf
+        arrays["sparse_res"] = np.asarray(cfg.sparse_res, dtype=np.int32)
+        meta_extra["sparse"] = {"res": int(cfg.sparse_res), "band_voxels": fmt.SPARSE_BAND_VOXELS,
+                                "nodes": int(len(coords)), "grid": "node", "bound": BOUND}
+        stats["sparse_nodes"] = int(len(coords))
+        lap("t_sparse")
 
     obj_dir = out_dir / oid
     obj_dir.mkdir(parents=True, exist_ok=True)

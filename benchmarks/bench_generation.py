@@ -72,13 +72,16 @@ def _res(pair: dict, resolution: int) -> str:
 
 def _table(table: dict) -> list[str]:
     """Markdown rows of a generation_eval table, plus the mean and the worst of the per-class rows."""
-    lines = ["| class | COV | MMD-CD (x1e3) | 1-NNA |", "|---|---|---|---|"]
+    lines = ["| class | COV | MMD-CD (x1e3) | 1-NNA | clean | extra pieces |", "|---|---|---|---|---|---|"]
     for c, m in table.items():
-        lines.append(f"| {c} | {100 * m['COV-CD']:.1f}% | {1e3 * m['MMD-CD']:.2f} | {100 * m['1-NNA-CD']:.1f}% |")
+        lines.append(f"| {c} | {100 * m['COV-CD']:.1f}% | {1e3 * m['MMD-CD']:.2f} | {100 * m['1-NNA-CD']:.1f}% | "
+                     f"{100 * m['clean']:.0f}% | {m['extra_components']:.2f} |")
     per_class = [m for c, m in table.items() if c != "all"]
     nna = [100 * m["1-NNA-CD"] for m in per_class]
     lines.append(f"| *mean of classes* | {100 * np.mean([m['COV-CD'] for m in per_class]):.1f}% | "
-                 f"{1e3 * np.mean([m['MMD-CD'] for m in per_class]):.2f} | {np.mean(nna):.1f}% (worst {max(nna):.1f}%) |")
+                 f"{1e3 * np.mean([m['MMD-CD'] for m in per_class]):.2f} | {np.mean(nna):.1f}% (worst {max(nna):.1f}%) | "
+                 f"{100 * np.mean([m['clean'] for m in per_class]):.0f}% | "
+                 f"{np.nanmean([m['extra_components'] for m in per_class]):.2f} |")
     return lines + [""]
 
 

@@ -323,3 +323,32 @@ def test_generation_eval_pooled_row_and_workers():
     for c in ("a", "b"):
         assert per_class[c] == full[c]
     assert full["all"]["n_samples"] == 6
+    assert full["a"]["clean"] == 1.0 and full["a"]["extra_components"] == 0.0  # closed boxes
+
+
+def test_generation_eval_reports_the_share_of_clean_meshes():
+    from shapeflow.evaluate import generation_eval
+
+    box = trimesh.creation.box(extents=(1.0, 1.0, 0.5))
+    two = (np.concatenate([box.vertices, box.vertices + 2.0]), np.concatenate([box.faces, box.faces + 8]))
+    gen = {"a": [(box.vertices, box.faces), two, None, (box.vertices, box.faces[2:])]}  # clean, 2 pieces, failed, hole
+    ref = {"a": [(box.vertices, box.faces)] * 4}
+    t = generation_eval(gen, ref, n_points=64)
+    assert t["a"]["clean"] == 0.25 and t["all"]["clean"] == 0.25
+    assert t["a"]["extra_components"] == pytest.approx(1 / 3)  # over the three decoded meshes
+
+
+def test_mesh_cleanliness_counts_pieces_floaters_and_holes():
+    big = trimesh.creation.icosphere(subdivisions=3)
+    clean = metrics.mesh_cleanliness(big.vertices, big.faces)
+    assert clean == {"components": 1, "small_components": 0, "watertight": True, "clean": True}
+    # a far floater of tiny area: two components, one below 1 % of the surface
+    tiny = trimesh.creation.icosphere(subdivisions=1, radius=0.02)
+    v = np.concatenate([big.vertices, tiny.vertices + 3.0])
+    f = np.concatenate([big.faces, tiny.faces + len(big.vertices)])
+    r = metrics.mesh_cleanliness(v, f)
+    assert (r["components"], r["small_components"], r["watertight"], r["clean"]) == (2, 1, True, False)
+    # a hole: one face removed leaves three boundary edges
+    r = metrics.mesh_cleanliness(big.vertices, big.faces[1:])
+    assert (r["components"], r["watertight"], r["clean"]) == (1, False, False)
+    assert metrics.mesh_cleanliness(np.zeros((0, 3)), np.zeros((0, 3)))["clean"] is False

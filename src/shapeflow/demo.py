@@ -393,13 +393,15 @@ def _markdown(r: dict) -> str:
               f"decoded at {g['resolution']}^3; meshes in `generated/`.", "", "![generated](generated.png)", "",
               "Generation metrics against fresh synthetic shapes of each class (Chamfer on "
               f"{r['config']['metric_points']} points; 1-NNA ideal 50%):", "",
-              "| class | COV | MMD (x1e3) | 1-NNA |", "|---|---|---|---|"]
+              "| class | COV | MMD (x1e3) | 1-NNA | clean | extra pieces |", "|---|---|---|---|---|---|"]
     for c, m in r["generation_metrics"].items():
-        lines.append(f"| {c} | {m['COV-CD']:.2f} | {1e3 * m['MMD-CD']:.3f} | {m['1-NNA-CD']:.2f} |")
+        lines.append(f"| {c} | {m['COV-CD']:.2f} | {1e3 * m['MMD-CD']:.3f} | {m['1-NNA-CD']:.2f} | "
+                     f"{m.get('clean', float('nan')):.2f} | {m.get('extra_components', float('nan')):.2f} |")
     n = r["config"]["gen_per_class"]
     spread = min(NNA_DATA_STD.items(), key=lambda kv: abs(kv[0] - n))
     lines += ["", f"With {n} shapes per class a per-class 1-NNA is a rough estimate: between two independent draws "
               f"of the synthetic data itself it has a standard deviation of about {spread[1]} points at "
               f"{spread[0]} shapes per class (BENCHMARKS.md); compare generators with "
-              "`benchmarks/bench_generation.py quality --per-class 64`."]
+              "`benchmarks/bench_generation.py quality --per-class 64`. \"clean\": the share of generated meshes "
+              "that are one watertight piece; \"extra pieces\": the mean count of further components."]
     return "\n".join(lines) + "\n"

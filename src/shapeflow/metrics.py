@@ -16,6 +16,9 @@ Reconstruction (OccNet / ConvONet protocol, ``im2mesh/eval.py``)
   (1% ~ OccNet's tau = 0.01 in the unit cube; 3DShape2VecSet's tau = 0.02 in [-1, 1]).
 * ``normal_consistency`` = 0.5 * (mean |cos| over pred->gt NN pairs + mean |cos| over gt->pred pairs).
 * volume IoU = |A and B| / |A or B| of occupancy labels at the same query points.
+* ``mesh_cleanliness``: connected components (through shared vertices), the components below 1 % of the
+  surface area, and watertightness (every edge shared by exactly two faces); a mesh is *clean* when it
+  is one watertight component.
 Note: 3DShape2VecSet reports the *sum* accuracy + completeness (2x ``chamfer_l1``); PyTorch3D's
 ``chamfer_distance`` and the CUDA kernels used by PointFlow/LION return *squared* distances.
 
@@ -42,6 +45,8 @@ from typing import Sequence
 import numpy as np
 import pysdf
 import trimesh
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from shapeflow.geometry.frame import BOUND
@@ -149,6 +154,35 @@ def volume_iou(occ_a: np.ndarray, occ_b: np.ndarray) -> float:
     if union == 0:
         return 1.0
     return float(np.count_nonzero(a & b) / union)
+
+
+def mesh_cleanliness(vertices: np.ndarray, faces: np.ndarray, *, min_area_ratio: float = 0.01) -> dict:
+    """Is a mesh one closed piece?
+
+    Components are connected through shared vertex indices (weld duplicate vertices first if the mesh
+    has them, as marching cubes output does not). Returns ``{"components", "small_components" (below
+    ``min_area_ratio`` of the total area), "watertight" (every undirected edge in exactly two faces),
+    "clean" (watertight and one component)}``. An empty mesh is not clean and has 0 components.
+    """
+    f = np.asarray(faces, dtype=np.int64).reshape(-1, 3)
+    v = np.asarray(vertices, dtype=np.float64)
+    if len(f) == 0:
+        return {"components": 0, "small_components": 0, "watertight": False, "clean": False}
+    a = np.concatenate([f[:, 0], f[:, 1], f[:, 2]])
+    b = np.concatenate([f[:, 1], f[:, 2], f[:, 0]])
+    n = len(v)
+    _, label = connected_components(coo_matrix((np.ones(len(a), np.int8), (a, b)), shape=(n, n)), directed=False)
+    face_label = label[f[:, 0]]
+    area = 0.5 * np.linalg.norm(np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]]), axis=1)
+    per = np.bincount(face_label, weights=area)
+    used = np.unique(face_label)
+    per = per[used]
+    small = int(np.count_nonzero(per < min_area_ratio * max(per.sum(), 1e-300)))
+    edges = np.sort(np.stack([a, b], axis=1), axis=1)
+    _, counts = np.unique(edges[:, 0] * n + edges[:, 1], return_counts=True)
+    watertight = bool(np.all(counts == 2))
+    return {"components": int(len(used)), "small_components": small, "watertight": watertight,
+            "clean": watertight and len(used) == 1}
 
 
 def mesh_contains(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray) -> np.ndarray:

@@ -424,8 +424,11 @@ def decode_to_mesh(vae, kind: str, z: torch.Tensor, *, resolution: int = 128, st
                    fill_shell: bool = True, smooth: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """Latents of one shape from either VAE family -> ``(vertices, faces)`` in the canonical frame.
 
-    ``kind``: ``"vecset_vae"`` (decoded by :func:`latents_to_mesh` at ``resolution``) or ``"grid_vae"`` (its
-    own grid; ``resolution`` and ``strategy`` do not apply). A shell-occupancy grid VAE (TRELLIS sparse
+    ``kind``: ``"vecset_vae"`` (decoded by :func:`latents_to_mesh` at ``resolution``), ``"grid_vae"`` (its
+    own grid; ``resolution`` and ``strategy`` do not apply) or ``"sparse_vae"`` (``z`` a SparseTensor of one
+    shape; its band decoded and meshed block by block at the latent grid's resolution,
+    :meth:`~shapeflow.models.sparse_vae.SparseSDFVAE.decode_mesh`; ``smooth`` does not apply).
+    A shell-occupancy grid VAE (TRELLIS sparse
     structure) decodes a thin double-walled shell; ``fill_shell`` meshes the solid it encloses instead
     (:func:`filled_shell_logits`), one outward surface about half a voxel outside the true one.
     ``smooth``: Gaussian filter of the field before marching cubes (world units; 0 = none).
@@ -434,6 +437,8 @@ def decode_to_mesh(vae, kind: str, z: torch.Tensor, *, resolution: int = 128, st
     if kind == "vecset_vae":
         v, f, _ = latents_to_mesh(vae, z, resolution, strategy=strategy, mc_kwargs={"smooth": smooth})
         return v, f
+    if kind == "sparse_vae":
+        return vae.decode_mesh(z)
     if z.shape[0] != 1:
         raise ValueError(f"expected the latents of one shape, (1, c, l, l, l), got {tuple(z.shape)}")
     out = vae.decode(z)

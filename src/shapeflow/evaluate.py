@@ -1,8 +1,8 @@
 """Reconstruction evaluation of both VAE families on preprocessed objects (``reconstruct``, ``eval-vae``).
 
 Per object: encode its training input (VecSet: a fixed surface subsample; grid: the 64^3 shell
-occupancy or the dense TSDF), decode to a mesh, and compare with the object's watertight surface in the
-canonical frame:
+occupancy or the dense TSDF; sparse: the SDF band), decode to a mesh, and compare with the object's
+watertight surface in the canonical frame:
 
 * ``iou``: volume IoU at the object's stored **uniform** SDF query points (exact labels ``sdf < 0``)
   against containment in the reconstructed mesh (:func:`shapeflow.metrics.mesh_contains`);
@@ -32,7 +32,7 @@ from tqdm import tqdm
 from shapeflow import metrics
 from shapeflow.data import format as fmt
 from shapeflow.data.datasets import ObjectFolder
-from shapeflow.data.latents import seed_of, vae_encoder_overrides, vecset_surface
+from shapeflow.data.latents import seed_of, sparse_band_input, vae_encoder_overrides, vecset_surface
 from shapeflow.decode import decode_to_mesh
 from shapeflow.geometry.frame import normalize_vertices
 from shapeflow.geometry.io import load_mesh
@@ -43,16 +43,19 @@ from shapeflow.models import load_vae, model_kind
 
 log = logging.getLogger(__name__)
 
-METRIC_KEYS = ("iou", "chamfer_l1", "f_score@1%", "normal_consistency", "encode_s", "decode_s")
+METRIC_KEYS = ("iou", "chamfer_l1", "f_score@1%", "normal_consistency", "clean", "components", "encode_s", "decode_s")
 
 
-def encoder_input(vae, kind: str, obj_dir: Path) -> torch.Tensor:
-    """The encoder input of one preprocessed object, batched: (1, n, 7) surface or (1, 1, r, r, r) grid.
+def encoder_input(vae, kind: str, obj_dir: Path):
+    """The encoder input of one preprocessed object, batched: (1, n, 7) surface, (1, 1, r, r, r) grid or
+    the sparse SDF band (a SparseTensor of one object).
 
     VecSet: the VAE config's ``surface_points`` + ``sharp_points``, the same deterministic subsample as
     ``encode-latents`` (seed 0), so stored latents reproduce.
     """
     c = vae.config
+    if kind == "sparse_vae":
+        return sparse_band_input(obj_dir, vae)
     if kind == "vecset_vae":
         surface = vecset_surface(obj_dir, c.surface_points, c.sharp_points, seed_of(obj_dir.name, 0))
         return torch.from_numpy(surface)[None]
@@ -80,6 +83,9 @@ def reconstruct_object(vae, kind: str, obj_dir: str | Path, *, resolution: int =
     if kind == "vecset_vae":
         gen = torch.Generator().manual_seed(seed_of(obj_dir.name, 1))
         z = vae.encode(x, generator=gen).mode()
+    elif kind == "sparse_vae":
+        posterior, latent = vae.encode(x)
+        z = latent.replace(posterior.mode())
     else:
         z = vae.encode(x).mode()
     encode_s = time.perf_counter() - t0
@@ -90,7 +96,8 @@ def reconstruct_object(vae, kind: str, obj_dir: str | Path, *, resolution: int =
     except EmptySurfaceError as e:
         mesh, empty = None, str(e)
     decode_s = time.perf_counter() - t0
-    result = {"mesh": mesh, "empty": empty, "latent_numel": int(z[0].numel()),
+    numel = z.feats.numel() if kind == "sparse_vae" else z[0].numel()
+    result = {"mesh": mesh, "empty": empty, "latent_numel": int(numel),
               "metrics": {"encode_s": encode_s, "decode_s": decode_s}}
     if with_metrics:
         result["metrics"].update(mesh_metrics(mesh, obj_dir, n_points=n_points))
@@ -100,15 +107,17 @@ def reconstruct_object(vae, kind: str, obj_dir: str | Path, *, resolution: int =
 def mesh_metrics(mesh, obj_dir: Path, *, n_points: int = 100_000, max_iou_points: int = 100_000) -> dict:
     """Metrics of a reconstructed mesh against a preprocessed object's watertight surface and SDF labels."""
     if mesh is None:
-        return {"iou": 0.0, "chamfer_l1": float("nan"), "f_score@1%": 0.0, "normal_consistency": float("nan")}
+        return {"iou": 0.0, "chamfer_l1": float("nan"), "f_score@1%": 0.0, "normal_consistency": float("nan"),
+                "clean": 0.0, "components": 0}
     gt = load_mesh(obj_dir / fmt.MESH_FILE)
     a = fmt.read_sample_file(obj_dir / fmt.SAMPLES_FILE, ["sdf_points", "sdf_values", "sdf_group"])
     sel = np.flatnonzero(a["sdf_group"] == 0)[:max_iou_points]
     pts = a["sdf_points"][sel].astype(np.float64)
     iou = metrics.volume_iou(metrics.mesh_contains(*mesh, pts), a["sdf_values"][sel] < 0)
     s = metrics.surface_metrics(mesh, gt, n_points=n_points, fscore_thresholds=(0.01,), seed=0)
+    c = metrics.mesh_cleanliness(*mesh)
     return {"iou": iou, "chamfer_l1": s["chamfer_l1"], "f_score@1%": s["f_score@1%"],
-            "normal_consistency": s["normal_consistency"]}
+            "normal_consistency": s["normal_consistency"], "clean": float(c["clean"]), "components": c["components"]}
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -123,10 +132,12 @@ def summarize(rows: list[dict]) -> dict:
 
 def format_table(rows: list[dict], summary: dict) -> str:
     """A markdown table: one row per object, then the mean."""
-    head = "| object | IoU | Chamfer-L1 | F@1% | NC | encode s | decode s |\n|---|---|---|---|---|---|---|\n"
+    head = ("| object | IoU | Chamfer-L1 | F@1% | NC | clean | components | encode s | decode s |\n"
+            "|---|---|---|---|---|---|---|---|---|\n")
     def line(name, r):
         return (f"| {name} | {r.get('iou', float('nan')):.4f} | {r.get('chamfer_l1', float('nan')):.5f} | "
                 f"{r.get('f_score@1%', float('nan')):.4f} | {r.get('normal_consistency', float('nan')):.4f} | "
+                f"{r.get('clean', float('nan')):.2f} | {r.get('components', float('nan')):.2f} | "
                 f"{r.get('encode_s', float('nan')):.3f} | {r.get('decode_s', float('nan')):.3f} |\n")
     body = "".join(line(r.get("name", r.get("id", "?")), r) for r in rows)
     return head + body + line(f"**mean ({summary['objects']})**", summary)
@@ -186,7 +197,10 @@ def reference_shapes(folder: str | Path, classes, per_class: int, seed: int, *, 
 
 def generation_eval(generated: dict, references: dict, *, n_points: int = 2048, seed: int = 0, pooled: bool = True,
                     workers: int = -1) -> dict:
-    """COV / MMD / 1-NNA (Chamfer) per class and over all classes (:func:`shapeflow.metrics.generation_metrics`).
+    """COV / MMD / 1-NNA (Chamfer) per class and over all classes (:func:`shapeflow.metrics.generation_metrics`),
+    with the cleanliness of the generated meshes (:func:`shapeflow.metrics.mesh_cleanliness`): ``"clean"`` the
+    share that is one watertight piece (a failed sample is not clean), ``"extra_components"`` the mean count
+    of components beyond the first over the decoded meshes.
 
     Parameters
     ----------
@@ -203,13 +217,21 @@ def generation_eval(generated: dict, references: dict, *, n_points: int = 2048, 
             return np.full((n_points, 3), 10.0)
         return sample_surface(*mesh, n_points, seed=seed + k)[0]
 
-    table, all_g, all_r = {}, [], []
+    def pieces(meshes) -> dict:
+        rows = [metrics.mesh_cleanliness(*m) if m is not None else None for m in meshes]
+        return {"clean": float(np.mean([r is not None and r["clean"] for r in rows])),
+                "extra_components": float(np.mean([max(r["components"] - 1, 0) for r in rows if r is not None]
+                                                  or [float("nan")]))}
+
+    table, all_g, all_r, all_meshes = {}, [], [], []
     for c in references:
         g = np.stack([cloud(m, k) for k, m in enumerate(generated[c])])
         r = np.stack([cloud(m, 10_000 + k) for k, m in enumerate(references[c])])
-        table[c] = generation_metrics(g, r, workers=workers)
+        table[c] = {**generation_metrics(g, r, workers=workers), **pieces(generated[c])}
         all_g.append(g)
         all_r.append(r)
+        all_meshes += generated[c]
     if pooled:
-        table["all"] = generation_metrics(np.concatenate(all_g), np.concatenate(all_r), workers=workers)
+        table["all"] = {**generation_metrics(np.concatenate(all_g), np.concatenate(all_r), workers=workers),
+                        **pieces(all_meshes)}
     return table

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parent / "assets" / "tiny"
 DEFAULT_DIT = ASSETS / "token_dit"
 DEFAULT_VAE = ASSETS / "vecset_vae"
+SHIPPED_VAES = {"vecset": DEFAULT_VAE, "sparse": ASSETS / "sparse_vae"}  # the tiny VAEs in the package
 
 
 @dataclass

@@ -12,7 +12,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "encode-latents",
         help="encode a preprocessed dataset with a trained VAE (for generator training)",
-        description="Write OUT_DIR/<id>.npy (posterior mean), OUT_DIR/manifest.jsonl and OUT_DIR/latents.json. "
+        description="Write OUT_DIR/<id>.npy (posterior mean; <id>.npz with latent coords + feats for a sparse "
+                    "VAE), OUT_DIR/manifest.jsonl and OUT_DIR/latents.json. "
                     "Resumable (existing latents are skipped) and sharded like preprocess.",
         epilog="examples:\n  shapeflow encode-latents --vae runs/vae/final data/prep data/latents\n"
                "  shapeflow encode-latents --vae runs/vae data/prep data/latents64 --num-tokens 64",

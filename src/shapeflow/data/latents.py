@@ -7,6 +7,8 @@ Layout of a latent folder (``shapeflow encode-latents``)::
     OUT_DIR/manifest.jsonl    one record per object: id, class (source parent folder), source, status
     OUT_DIR/<id>.npy          float32 posterior **mean** of the object times the VAE's latent scale
                               (``vae.scale_latents``): (m, c) tokens or (c, r, r, r) grid
+    OUT_DIR/<id>.npz          sparse latents (sparse SDF VAE): ``coords`` (m, 3) int16 latent-grid nodes
+                              [i, j, k], sorted, and ``feats`` (m, c) float32, scaled like the others
 
 Design choices
 
@@ -45,6 +47,8 @@ from shapeflow.data import format as fmt
 from shapeflow.data.datasets import GridDataset, class_of, is_val
 from shapeflow.data.preprocess import read_manifest
 from shapeflow.models import load_vae, model_kind
+from shapeflow.models.sparse_vae import band_tensor, tsdf_of
+from shapeflow.sparse import SparseTensor
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,40 @@ def vecset_surface(obj_dir: Path, surface_points: int, sharp_points: int, seed: 
     idx = np.concatenate([iu, ish])
     flag = np.concatenate([np.zeros(len(iu)), sharp[ish].astype(np.float64)])
     return np.concatenate([a["surface_points"][idx], a["surface_normals"][idx], flag[:, None]], 1).astype(np.float32)
+
+
+def sparse_band_input(obj_dir: Path, model) -> SparseTensor:
+    """The sparse SDF VAE's input for one preprocessed object: its stored band (``--sparse-res R``) as a
+    batch of one, features ``[tsdf, 1]`` on the grid of ``R`` cells."""
+    path = obj_dir / fmt.SAMPLES_FILE
+    try:
+        a = fmt.read_sample_file(path, list(fmt.SPARSE_ARRAYS))
+    except KeyError:
+        raise ValueError(f"{obj_dir}: no sparse SDF band (preprocess with --sparse-res R)") from None
+    res = int(a["sparse_res"])
+    if res % model.config.factor:
+        raise ValueError(f"{obj_dir}: band at {res}^3 is not a multiple of the VAE's latent factor "
+                         f"{model.config.factor}")
+    c = torch.from_numpy(a["sparse_coords"].astype(np.int32))
+    coords = torch.cat([torch.zeros(len(c), 1, dtype=torch.int32), c], dim=1)  # (N, 4)
+    sdf = torch.from_numpy(a["sparse_sdf"].astype(np.float32))
+    return band_tensor(coords, tsdf_of(sdf, model.config, res), res, 1)
+
+
+def sparse_latent_file(out: Path, oid: str) -> Path:
+    return out / f"{oid}.npz"
+
+
+def read_sparse_latent(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sparse latent file -> ``(coords (m, 3) int32, feats (m, c) float32)``."""
+    with np.load(path) as z:
+        return torch.from_numpy(z["coords"].astype(np.int32)), torch.from_numpy(z["feats"].astype(np.float32))
+
+
+def latent_file(root: Path, oid: str) -> Path:
+    """The latent file of object ``oid`` in a latent folder: ``<id>.npz`` (sparse) or ``<id>.npy``."""
+    sparse = sparse_latent_file(root, oid)
+    return sparse if sparse.is_file() else root / f"{oid}.npy"
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -135,6 +173,8 @@ def encode_dataset(
     if kind == "vecset_vae":
         info.update(surface_points=c.surface_points, sharp_points=c.sharp_points, num_tokens=c.num_tokens,
                     latent_shape=[c.num_tokens, c.latent_channels])
+    elif kind == "sparse_vae":  # a variable number of latent nodes per object
+        info.update(source="sparse band", factor=c.factor, latent_shape=[-1, c.latent_channels])
     else:
         info.update(source="tsdf" if c.input == "sdf" else "occ64", latent_shape=list(c.latent_shape))
     out.mkdir(parents=True, exist_ok=True)
@@ -149,13 +189,32 @@ def encode_dataset(
     else:
         fileio.write_json(info_path, info)
 
-    todo = [r for r in mine if not (out / f"{r['id']}.npy").is_file()]
+    todo = [r for r in mine if not latent_file(out, r["id"]).is_file()]
     summary = {"encoded": 0, "skipped": len(mine) - len(todo), "failed": 0, "latent_shape": info["latent_shape"]}
     t0 = time.perf_counter()
     grid_ds = (GridDataset(data_dir, source=info["source"], normalize_tsdf=False, split="all")
                if kind == "grid_vae" else None)
     grid_index = {r["id"]: i for i, r in enumerate(grid_ds.records)} if grid_ds is not None else None
     bar = tqdm(total=len(todo), desc="encode", unit="obj", disable=not progress)
+    if kind == "sparse_vae":  # one object at a time: the band is the batch
+        for r in todo:
+            try:
+                x = sparse_band_input(data_dir / r["id"], model).to(device)
+            except (OSError, ValueError, KeyError) as e:
+                summary["failed"] += 1
+                _record(out, r, "failed", f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
+                bar.update(1)
+                continue
+            with torch.no_grad():
+                posterior, latent = model.encode(x)
+            feats = model.scale_latents(posterior.mode()).float().cpu().numpy()
+            with fileio.atomic_path(sparse_latent_file(out, r["id"])) as tmp:
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, coords=latent.coords[:, 1:].cpu().numpy().astype(np.int16), feats=feats)
+            _record(out, r, "ok", None)
+            summary["encoded"] += 1
+            bar.update(1)
+        todo = []
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
         inputs, ok = [], []
@@ -204,12 +263,13 @@ def read_latent_manifest(root: str | os.PathLike) -> list[dict]:
         if line.strip():
             rec = json.loads(line)
             latest[rec["id"]] = rec
-    return sorted((r for r in latest.values() if r["status"] == "ok" and (root / f"{r['id']}.npy").is_file()),
+    return sorted((r for r in latest.values() if r["status"] == "ok" and latent_file(root, r["id"]).is_file()),
                   key=lambda r: r["id"])
 
 
 class LatentDataset(Dataset):
-    """Encoded latents for generator training: items ``{"latent": tensor, "id": str, ["label": int]}``.
+    """Encoded latents for generator training: items ``{"latent": tensor, "id": str, ["label": int]}``
+    (sparse latents: also ``"coords"``, the latent nodes).
 
     Parameters
     ----------
@@ -249,7 +309,14 @@ class LatentDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    @property
+    def sparse(self) -> bool:
+        """Sparse latents (``<id>.npz``): items carry ``coords`` (m, 3) and ``latent`` (m, c) features."""
+        return self.info.get("kind") == "sparse_vae"
+
     def latent(self, index: int) -> torch.Tensor:
+        if self.sparse:
+            raise ValueError(f"{self.root}: sparse latents have coordinates too; read items (dataset[i])")
         if self._cache is not None and index in self._cache:
             return self._cache[index]
         z = torch.from_numpy(np.load(self.root / f"{self.records[index]['id']}.npy"))
@@ -259,7 +326,11 @@ class LatentDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         rec = self.records[index]
-        item = {"latent": self.latent(index), "id": rec["id"]}
+        if self.sparse:
+            coords, feats = read_sparse_latent(sparse_latent_file(self.root, rec["id"]))
+            item = {"coords": coords, "latent": feats, "id": rec["id"]}
+        else:
+            item = {"latent": self.latent(index), "id": rec["id"]}
         if self.class_to_label is not None:
             item["label"] = self.class_to_label[rec["class"]]
         if self.views_root is not None:

@@ -5,6 +5,7 @@ kind            class                                           latent
 ==============  ==============================================  =========================================
 ``vecset_vae``  :class:`~shapeflow.models.vecset_vae.VecSetVAE`  token set ``(b, m, c)``
 ``grid_vae``    :class:`~shapeflow.models.grid_vae.GridVAE`      grid ``(b, c, r, r, r)``
+``sparse_vae``  :class:`~shapeflow.models.sparse_vae.SparseSDFVAE`  sparse grid: coords ``(M, 4)`` + ``(M, c)``
 ``token_dit``   :class:`~shapeflow.models.dit.TokenDiT`          velocity on token latents
 ``grid_dit``    :class:`~shapeflow.models.dit.GridDiT`           velocity on grid latents
 ==============  ==============================================  =========================================
@@ -26,6 +27,7 @@ from torch import nn
 from shapeflow.checkpoint import CheckpointError, read_model_kind
 from shapeflow.models.dit import GridDiT, GridDiTConfig, TokenDiT, TokenDiTConfig
 from shapeflow.models.grid_vae import GridVAE, GridVAEConfig
+from shapeflow.models.sparse_vae import SparseSDFVAE, SparseSDFVAEConfig
 from shapeflow.models.vecset_vae import VecSetVAE, VecSetVAEConfig
 
 __all__ = ["MODELS", "VAE_KINDS", "DIT_KINDS", "model_kind", "load_model", "load_vae", "load_dit"]
@@ -34,10 +36,11 @@ __all__ = ["MODELS", "VAE_KINDS", "DIT_KINDS", "model_kind", "load_model", "load
 MODELS: dict[str, tuple[type, type]] = {
     "vecset_vae": (VecSetVAEConfig, VecSetVAE),
     "grid_vae": (GridVAEConfig, GridVAE),
+    "sparse_vae": (SparseSDFVAEConfig, SparseSDFVAE),
     "token_dit": (TokenDiTConfig, TokenDiT),
     "grid_dit": (GridDiTConfig, GridDiT),
 }
-VAE_KINDS = ("vecset_vae", "grid_vae")
+VAE_KINDS = ("vecset_vae", "grid_vae", "sparse_vae")
 DIT_KINDS = ("token_dit", "grid_dit")
 
 

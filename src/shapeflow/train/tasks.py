@@ -5,7 +5,8 @@
 
 from __future__ import annotations
 
-from shapeflow.train import task_dit, task_grid, task_toy, task_vecset
+from shapeflow.train import task_dit, task_grid, task_sparse, task_toy, task_vecset
 from shapeflow.train.task import Task
 
-TASKS: dict[str, Task] = {t.name: t for t in (task_toy.TASK, task_vecset.TASK, task_grid.TASK, *task_dit.TASKS)}
+TASKS: dict[str, Task] = {t.name: t for t in (task_toy.TASK, task_vecset.TASK, task_grid.TASK, task_sparse.TASK,
+                                              *task_dit.TASKS)}

@@ -153,6 +153,22 @@ def test_teacher_forcing_rebuilds_the_band_and_inference_keeps_the_predicted_chi
         assert dec["tsdf"].num_voxels == 0
 
 
+def test_the_finest_level_decoded_in_chunks_equals_it_at_once():
+    vae = _model(blocks=(0, 1, 1, 1)).eval()  # no convolution at the finest level (every preset)
+    x = _encode_input(_batch(_sphere(32), _box(32)), vae.config)
+    with torch.no_grad():
+        posterior, latent = vae.encode(x)
+        z = latent.replace(posterior.mode())
+        whole = vae.decode(z)["tsdf"]  # one chunk holds every level-1 node
+        vae.finest_chunk = 7
+        parts = vae.decode(z)["tsdf"]
+        assert whole.num_voxels > 8 * 7 and torch.equal(parts.coords, whole.coords)  # sorted like the whole
+        torch.testing.assert_close(parts.feats, whole.feats)
+        for head in vae.heads:  # no level-1 node at all: an empty band, not an error
+            torch.nn.init.constant_(head[1].bias, -10.0)
+        assert vae.decode(z)["tsdf"].num_voxels == 0
+
+
 def test_finite_gradients_on_every_parameter():
     vae = _model()
     loss, logs = sparse_vae_loss(vae, _batch(_sphere(32), _box(32)), vae.config)

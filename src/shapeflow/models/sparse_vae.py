@@ -271,6 +271,7 @@ class SparseSDFVAE(Pretrained, nn.Module):
     def __init__(self, config: SparseSDFVAEConfig):
         super().__init__()
         self.config = cfg = config
+        self.finest_chunk = 1 << 16  # level-1 nodes per chunk of the inference decode's finest level
         L, C = cfg.levels, cfg.channels
         # encoder: stem -> (stage, fold + linear) per level -> latent stage -> moments
         self.stem = SparseLinear(2, C[0])
@@ -329,10 +330,9 @@ class SparseSDFVAE(Pretrained, nn.Module):
 
         ``None`` (inference): children with ``sigmoid(logit) > threshold`` are kept. ``targets`` (training):
         the band's true active sets at levels ``1 .. L - 1`` (a list indexed by level, entry 0 unused;
-        coordinates, :func:`structure`, or the encoder's tensors): the decoder keeps the true children **and**
-        the ones it predicts, so it learns on the structure it will meet at inference (the false positives
-        among them learn "no children" and, at level 0, the sign beyond the band). Level 0 gets every child of
-        level 1 either way.
+        coordinates, :func:`structure`, or the encoder's tensors): the decoder keeps the true children (teacher
+        forcing) and its logits learn them. Level 0 gets every child of level 1 either way; at inference it is
+        computed ``finest_chunk`` level-1 nodes at a time when it has no convolution.
 
         Returns ``{"tsdf": SparseTensor (N, 1) at level 0, "logits": [(M_l, 8) per upsampling to levels
         L-1 .. 1, coarse first], "parents": [the SparseTensor each logits row belongs to], "exist": [(M_l, 8)
@@ -343,8 +343,11 @@ class SparseSDFVAE(Pretrained, nn.Module):
         h = self.dec_latent(self.dec_in(z))
         logits, parents, exist = [], [], []
         for lvl in reversed(range(cfg.levels)):
-            up = self.ups[lvl](h)  # (M, 8 C_lvl)
             fine_shape = (res >> lvl) + 1
+            if lvl == 0 and targets is None and not cfg.blocks[0]:  # inference, pointwise finest level
+                return {"tsdf": self._finest_in_chunks(h, fine_shape), "logits": logits, "parents": parents,
+                        "exist": exist}
+            up = self.ups[lvl](h)  # (M, 8 C_lvl)
             if lvl == 0:
                 h = unfold(up, shape=fine_shape)  # every child (inside the grid)
             else:
@@ -358,6 +361,23 @@ class SparseSDFVAE(Pretrained, nn.Module):
                     h = unfold(up, keep=torch.sigmoid(logit.float()) > cfg.threshold, shape=fine_shape)
             h = self.dec_stages[lvl](h)
         return {"tsdf": self.out(h), "logits": logits, "parents": parents, "exist": exist}
+
+    def _finest_in_chunks(self, h: SparseTensor, fine_shape: int) -> SparseTensor:
+        """The last upsampling and the output head on ``finest_chunk`` level-1 nodes at a time; the same numbers
+        as the whole level at once when the finest stage has no convolution (``blocks[0] == 0``), at the peak
+        memory of one chunk (the finest level holds 8x the nodes of level 1: most of a decode's memory)."""
+        coords, feats = [], []
+        for s in range(0, h.num_voxels, self.finest_chunk):
+            part = SparseTensor(h.coords[s:s + self.finest_chunk], h.feats[s:s + self.finest_chunk], h.shape,
+                                h.batch_size)
+            y = self.out(self.dec_stages[0](unfold(self.ups[0](part), shape=fine_shape)))
+            coords.append(y.coords)
+            feats.append(y.feats)
+        if not coords:  # no level-1 node: the empty level, through the same layers
+            return self.out(self.dec_stages[0](unfold(self.ups[0](h), shape=fine_shape)))
+        c, f = torch.cat(coords), torch.cat(feats)
+        order = torch.argsort(linear_keys(c, fine_shape))  # chunks of sorted parents: children sorted per chunk
+        return SparseTensor(c[order], f[order], fine_shape, h.batch_size)
 
     def forward(self, x: SparseTensor, *, sample_posterior: bool = True,
                 generator: torch.Generator | None = None) -> dict:

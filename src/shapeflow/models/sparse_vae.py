@@ -62,9 +62,11 @@ from torch.utils.checkpoint import checkpoint
 
 from shapeflow.checkpoint import Pretrained
 from shapeflow.geometry import grid
-from shapeflow.geometry.frame import BOUND
+from shapeflow.geometry.frame import BOUND, Transform, normalize_transform
 from shapeflow.geometry.marching_cubes import EmptySurfaceError, filter_components
+from shapeflow.geometry.sparse_band import band_nodes
 from shapeflow.geometry.sparse_mc import close_band, sparse_marching_cubes
+from shapeflow.geometry.watertight import make_watertight
 from shapeflow.models.distributions import DiagonalGaussian
 from shapeflow.sparse.tensor import decode_keys, linear_keys
 from shapeflow.sparse import (
@@ -308,6 +310,31 @@ class SparseSDFVAE(Pretrained, nn.Module):
         the latent's sparse structure (its ``feats`` are the moments)."""
         posterior, moments, _ = self._encode(x)
         return posterior, moments
+
+    @torch.no_grad()
+    def encode_mesh(self, vertices: np.ndarray, faces: np.ndarray, *, resolution: int | None = None,
+                    watertight_resolution: int = 256) -> tuple[SparseTensor, Transform]:
+        """Any triangle mesh in its own units -> ``(latent of the shape (posterior mode), the Transform to the
+        canonical frame)``, as ``shapeflow reconstruct`` does: canonical frame, watertight surface at
+        ``watertight_resolution``^3 (:func:`~shapeflow.geometry.watertight.make_watertight`), the SDF band at
+        ``resolution``^3 (default ``config.resolution``), encode. ``decode_mesh(z)`` gives canonical-frame
+        vertices; ``transform.to_source(v)`` puts them back in the mesh's units.
+
+        Raises ``ValueError`` (one line) for a mesh without faces, with non-finite vertices, or with no inside.
+        """
+        res = self.config.resolution if resolution is None else int(resolution)
+        if res % self.config.factor:
+            raise ValueError(f"resolution {res} is not a multiple of the latent factor {self.config.factor}")
+        transform = normalize_transform(vertices)
+        wt = make_watertight(transform.to_canonical(np.asarray(vertices, dtype=np.float64)), faces,
+                             resolution=watertight_resolution)
+        coords, sdf = band_nodes(wt.vertices.astype(np.float32).astype(np.float64), wt.faces, res)
+        c = torch.from_numpy(coords.astype(np.int32))
+        c = torch.cat([torch.zeros(len(c), 1, dtype=torch.int32), c], dim=1)
+        p = next(self.parameters())
+        x = band_tensor(c, tsdf_of(torch.from_numpy(sdf), self.config, res), res, 1).to(p.device)
+        posterior, latent = self.encode(x)
+        return latent.replace(posterior.mode()), transform
 
     def _encode(self, x: SparseTensor) -> tuple[DiagonalGaussian, SparseTensor, list[SparseTensor]]:
         """:meth:`encode`, plus the tensor at each level ``0 .. L - 1`` (the band's structure, with caches)."""

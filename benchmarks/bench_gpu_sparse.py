@@ -30,7 +30,7 @@ import trimesh
 
 from shapeflow.config import preset
 from shapeflow.geometry.sparse_band import band_nodes
-from shapeflow.models.sparse_vae import SparseSDFVAE, SparseSDFVAEConfig, band_tensor, sparse_vae_loss, tsdf_of
+from shapeflow.models.sparse_vae import SparseSDFVAE, SparseSDFVAEConfig, sparse_vae_loss
 from shapeflow.sparse import SparseTensor, SubMConv3d
 
 
@@ -138,11 +138,10 @@ def check_train(device: torch.device, cfg: SparseSDFVAEConfig, steps: int, crop_
 
 @torch.no_grad()
 def check_decode(device: torch.device, vae: SparseSDFVAE) -> dict:
-    cfg, res = vae.config, vae.config.resolution
+    res = vae.config.resolution
     c, s = shapes(res)[1]
-    coords = torch.cat([torch.zeros(len(c), 1, dtype=torch.int32), torch.from_numpy(c.astype(np.int32))], 1)
-    x = band_tensor(coords, tsdf_of(torch.from_numpy(s), cfg, res), res, 1).to(device)
     vae.eval()
+    x = vae.band_input(c, s, res)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync(device)
@@ -156,7 +155,7 @@ def check_decode(device: torch.device, vae: SparseSDFVAE) -> dict:
     band_coords, sdf = vae.decode_band(z)
     sync(device)
     decode_s = time.perf_counter() - t0
-    out = {"band_voxels": len(coords), "latent_voxels": len(z.coords), "encode_s": encode_s,
+    out = {"band_voxels": len(c), "latent_voxels": len(z.coords), "encode_s": encode_s,
            "decode_band_s": decode_s, "decoded_voxels": len(band_coords), "peak_mb": peak_mb(device)}
     t0 = time.perf_counter()
     try:

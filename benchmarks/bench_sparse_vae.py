@@ -77,16 +77,13 @@ def _encode_case(mesh: str, res: int, ckpt: str | None, threads: int, latent_pat
     import torch
 
     from shapeflow.geometry.sparse_band import band_nodes
-    from shapeflow.models.sparse_vae import band_tensor, tsdf_of
 
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
     vae = _load(ckpt)
     v, f = _watertight(mesh)
     coords, sdf = band_nodes(v, f, res)
-    c = torch.from_numpy(coords.astype("int32"))
-    c = torch.cat([torch.zeros(len(c), 1, dtype=torch.int32), c], dim=1)
-    x = band_tensor(c, tsdf_of(torch.from_numpy(sdf), vae.config, res), res, 1)
+    x = vae.band_input(coords, sdf, res)
     base = _rss_mb()
     with torch.inference_mode():
         t0 = time.perf_counter()

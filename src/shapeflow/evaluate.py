@@ -217,21 +217,21 @@ def generation_eval(generated: dict, references: dict, *, n_points: int = 2048, 
             return np.full((n_points, 3), 10.0)
         return sample_surface(*mesh, n_points, seed=seed + k)[0]
 
-    def pieces(meshes) -> dict:
-        rows = [metrics.mesh_cleanliness(*m) if m is not None else None for m in meshes]
+    def pieces(rows: list) -> dict:  # rows: mesh_cleanliness of each sample, None where nothing was decoded
         return {"clean": float(np.mean([r is not None and r["clean"] for r in rows])),
                 "extra_components": float(np.mean([max(r["components"] - 1, 0) for r in rows if r is not None]
                                                   or [float("nan")]))}
 
-    table, all_g, all_r, all_meshes = {}, [], [], []
+    table, all_g, all_r, all_clean = {}, [], [], []
     for c in references:
         g = np.stack([cloud(m, k) for k, m in enumerate(generated[c])])
         r = np.stack([cloud(m, 10_000 + k) for k, m in enumerate(references[c])])
-        table[c] = {**generation_metrics(g, r, workers=workers), **pieces(generated[c])}
+        clean = [metrics.mesh_cleanliness(*m) if m is not None else None for m in generated[c]]
+        table[c] = {**generation_metrics(g, r, workers=workers), **pieces(clean)}
         all_g.append(g)
         all_r.append(r)
-        all_meshes += generated[c]
+        all_clean += clean
     if pooled:
         table["all"] = {**generation_metrics(np.concatenate(all_g), np.concatenate(all_r), workers=workers),
-                        **pieces(all_meshes)}
+                        **pieces(all_clean)}
     return table

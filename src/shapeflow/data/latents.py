@@ -47,7 +47,6 @@ from shapeflow.data import format as fmt
 from shapeflow.data.datasets import GridDataset, class_of, is_val
 from shapeflow.data.preprocess import read_manifest
 from shapeflow.models import load_vae, model_kind
-from shapeflow.models.sparse_vae import band_tensor, tsdf_of
 from shapeflow.sparse import SparseTensor
 
 log = logging.getLogger(__name__)
@@ -89,10 +88,7 @@ def sparse_band_input(obj_dir: Path, model) -> SparseTensor:
     if res % model.config.factor:
         raise ValueError(f"{obj_dir}: band at {res}^3 is not a multiple of the VAE's latent factor "
                          f"{model.config.factor}")
-    c = torch.from_numpy(a["sparse_coords"].astype(np.int32))
-    coords = torch.cat([torch.zeros(len(c), 1, dtype=torch.int32), c], dim=1)  # (N, 4)
-    sdf = torch.from_numpy(a["sparse_sdf"].astype(np.float32))
-    return band_tensor(coords, tsdf_of(sdf, model.config, res), res, 1)
+    return model.band_input(a["sparse_coords"], a["sparse_sdf"], res)
 
 
 def sparse_latent_file(out: Path, oid: str) -> Path:
@@ -196,25 +192,9 @@ def encode_dataset(
                if kind == "grid_vae" else None)
     grid_index = {r["id"]: i for i, r in enumerate(grid_ds.records)} if grid_ds is not None else None
     bar = tqdm(total=len(todo), desc="encode", unit="obj", disable=not progress)
-    if kind == "sparse_vae":  # one object at a time: the band is the batch
-        for r in todo:
-            try:
-                x = sparse_band_input(data_dir / r["id"], model).to(device)
-            except (OSError, ValueError, KeyError) as e:
-                summary["failed"] += 1
-                _record(out, r, "failed", f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
-                bar.update(1)
-                continue
-            with torch.no_grad():
-                posterior, latent = model.encode(x)
-            feats = model.scale_latents(posterior.mode()).float().cpu().numpy()
-            with fileio.atomic_path(sparse_latent_file(out, r["id"])) as tmp:
-                with open(tmp, "wb") as fh:
-                    np.savez(fh, coords=latent.coords[:, 1:].cpu().numpy().astype(np.int16), feats=feats)
-            _record(out, r, "ok", None)
-            summary["encoded"] += 1
-            bar.update(1)
-        todo = []
+    if kind == "sparse_vae":
+        _encode_sparse(model, data_dir, out, todo, device, summary, bar)
+        todo = []  # done above: a sparse band is a batch of its own
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
         inputs, ok = [], []
@@ -228,7 +208,7 @@ def encode_dataset(
                 ok.append(r)
             except (OSError, ValueError, KeyError) as e:
                 summary["failed"] += 1
-                _record(out, r, "failed", f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
+                _record_failure(out, r, e)
         if ok:
             x = torch.from_numpy(np.stack(inputs)).to(device)
             if kind == "vecset_vae":
@@ -245,6 +225,30 @@ def encode_dataset(
     bar.close()
     summary["seconds"] = time.perf_counter() - t0
     return summary
+
+
+def _encode_sparse(model, data_dir: Path, out: Path, todo: list[dict], device, summary: dict, bar) -> None:
+    """Sparse SDF VAE: one object at a time (its band is the batch) -> ``<id>.npz`` latent coords + feats."""
+    for r in todo:
+        bar.update(1)
+        try:
+            x = sparse_band_input(data_dir / r["id"], model).to(device)
+        except (OSError, ValueError, KeyError) as e:
+            summary["failed"] += 1
+            _record_failure(out, r, e)
+            continue
+        with torch.no_grad():
+            posterior, latent = model.encode(x)
+        feats = model.scale_latents(posterior.mode()).float().cpu().numpy()
+        with fileio.atomic_path(sparse_latent_file(out, r["id"])) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, coords=latent.coords[:, 1:].cpu().numpy().astype(np.int16), feats=feats)
+        _record(out, r, "ok", None)
+        summary["encoded"] += 1
+
+
+def _record_failure(out: Path, rec: Mapping, e: Exception) -> None:
+    _record(out, rec, "failed", f"{type(e).__name__}: {' '.join(str(e).split())[:200]}")
 
 
 def _record(out: Path, rec: Mapping, status: str, error: str | None) -> None:

@@ -311,6 +311,15 @@ class SparseSDFVAE(Pretrained, nn.Module):
         posterior, moments, _ = self._encode(x)
         return posterior, moments
 
+    def band_input(self, coords, sdf, res: int) -> SparseTensor:
+        """The encoder input of ONE shape's band on the model's device: ``coords (n, 3)`` node indices ``[i, j, k]``
+        of the ``res``-cell grid and ``sdf (n,)`` world-unit signed distances (numpy arrays or tensors)."""
+        device = next(self.parameters()).device
+        c = torch.as_tensor(coords, device=device).to(torch.int32)
+        c = torch.cat([c.new_zeros(len(c), 1), c], dim=1)
+        sdf = torch.as_tensor(sdf, device=device).float()
+        return band_tensor(c, tsdf_of(sdf, self.config, res), res, 1)
+
     @torch.no_grad()
     def encode_mesh(self, vertices: np.ndarray, faces: np.ndarray, *, resolution: int | None = None,
                     watertight_resolution: int = 256) -> tuple[SparseTensor, Transform]:
@@ -329,11 +338,7 @@ class SparseSDFVAE(Pretrained, nn.Module):
         wt = make_watertight(transform.to_canonical(np.asarray(vertices, dtype=np.float64)), faces,
                              resolution=watertight_resolution)
         coords, sdf = band_nodes(wt.vertices.astype(np.float32).astype(np.float64), wt.faces, res)
-        c = torch.from_numpy(coords.astype(np.int32))
-        c = torch.cat([torch.zeros(len(c), 1, dtype=torch.int32), c], dim=1)
-        p = next(self.parameters())
-        x = band_tensor(c, tsdf_of(torch.from_numpy(sdf), self.config, res), res, 1).to(p.device)
-        posterior, latent = self.encode(x)
+        posterior, latent = self.encode(self.band_input(coords, sdf, res))
         return latent.replace(posterior.mode()), transform
 
     def _encode(self, x: SparseTensor) -> tuple[DiagonalGaussian, SparseTensor, list[SparseTensor]]:

@@ -31,7 +31,7 @@ from shapeflow import metrics
 from shapeflow.data import format as fmt
 from shapeflow.data.datasets import SparseSDFDataset, collate_sparse
 from shapeflow.geometry.marching_cubes import EmptySurfaceError
-from shapeflow.models.sparse_vae import SparseSDFVAE, SparseSDFVAEConfig, band_tensor, sparse_vae_loss, tsdf_of
+from shapeflow.models.sparse_vae import SparseSDFVAE, SparseSDFVAEConfig, sparse_vae_loss
 from shapeflow.train.task import Task
 
 if TYPE_CHECKING:
@@ -144,10 +144,7 @@ def validate(model: SparseSDFVAE, loader: Iterable, cfg: "ExperimentConfig", fro
                 break
             meshed += 1
             sel = coords[:, 0] == i
-            one = coords[sel].clone()
-            one[:, 0] = 0
-            res = model.config.resolution
-            posterior, latent = model.encode(band_tensor(one, tsdf_of(sdf[sel], model.config), res, 1))
+            posterior, latent = model.encode(model.band_input(coords[sel, 1:], sdf[sel], model.config.resolution))
             try:
                 v, f = model.decode_mesh(latent.replace(posterior.mode()))
             except EmptySurfaceError:

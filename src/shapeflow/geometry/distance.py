@@ -396,7 +396,7 @@ class MeshDistance:
                 q[todo], self.vertices[tri[:, 0]], self.vertices[tri[:, 1]], self.vertices[tri[:, 2]]
             )
             dist = np.linalg.norm(q[todo] - cp, axis=1)
-            sdf[todo] = dist * self._sign_from_closest(q[todo], cp, face[todo], bary)
+            sdf[todo] = dist * self.sign_from_closest(q[todo], cp, face[todo], bary)
         known = ~miss & (hint != 0)
         sdf[known] *= hint[known]
         if miss.any():
@@ -463,10 +463,12 @@ class MeshDistance:
         self._pseudo = (fn, vn, en, face_edges)
         return self._pseudo
 
-    def _sign_from_closest(
+    def sign_from_closest(
         self, q: np.ndarray, closest: np.ndarray, face: np.ndarray, bary: np.ndarray
     ) -> np.ndarray:
-        """+1 outside / -1 inside from the pseudonormal of the closest feature."""
+        """+1 outside / -1 inside of query points ``q (h, 3)`` from the pseudonormal of their closest feature:
+        ``closest (h, 3)`` points, ``face (h,)`` triangles and ``bary (h, 3)`` barycentrics, as a closest-point
+        query returns them (used by :func:`shapeflow.geometry.sparse_band.band_nodes` too)."""
         fn, vn, en, face_edges = self._pseudonormals()
         normal = fn[face].copy()  # (h, 3) face interior by default
         small = bary <= _FEATURE_TOL  # (h, 3) which barycentrics vanish

@@ -160,7 +160,7 @@ def band_nodes(
                 continue
             # The side from the pseudonormal of the closest feature, as MeshDistance.signed_distance
             # decides it, from the closest points at hand (signed_distance would query the BVH again).
-            sign = surf._sign_from_closest(pts[near], closest[near], face[near], bary[near])
+            sign = surf.sign_from_closest(pts[near], closest[near], face[near], bary[near])
             coords_out.append(part[near].astype(np.int16))
             sdf_out.append((dist[near] * sign).astype(np.float32))
     coords = np.concatenate(coords_out) if coords_out else np.zeros((0, 3), np.int16)

@@ -679,6 +679,73 @@ def test_sparse_vae_trains_encodes_evaluates_and_reconstructs(root, sparse_run, 
     assert_one_line_error(capsys, "reconstruct", "sparse_vae", "not vecset")
 
 
+STRUCTURE_DIT_YAML = """task: grid_dit
+model: {preset: tiny, in_channels: 1, resolution: 16, patch_size: 4, width: 32, depth: 1, heads: 2, cond: class,
+        classes: [chair, mug]}
+data: {root: ROOT/latents_s128/structure, val_fraction: 0.3}
+""" + ENGINE.format(steps=4, batch=2, lr=1.0e-3, log=2)
+
+SPARSE_DIT_YAML = """task: sparse_dit
+model: {preset: tiny, in_channels: 2, resolution: 16, patch_size: 2, width: 32, depth: 1, heads: 2, cond: class,
+        classes: [chair, mug]}
+data: {root: ROOT/latents_s128, val_fraction: 0.3}
+""" + ENGINE.format(steps=4, batch=2, lr=1.0e-3, log=2)
+
+
+def test_sparse_generation_trains_both_stages_and_generates(root, sparse_run, tmp_path, capsys):
+    """encode-latents writes the structure grids next to the sparse latents; `shapeflow train` fits the
+    stage-1 grid DiT and the stage-2 sparse DiT on them; `shapeflow generate` runs both stages and the
+    sparse decoder, chosen by the checkpoint kinds; mismatched pipelines are one-line errors."""
+    from shapeflow.data.latents import LatentDataset, read_sparse_latent
+    from shapeflow.models import load_dit
+    from shapeflow.models.sparse_dit import active_voxels
+
+    # the R = 32 band of the fixture reaches the grid's last node plane: structure failed, latents kept
+    coarse = root / "latents_sparse"  # resumable: encodes only what an earlier test has not
+    assert sf("encode-latents", root / "prep_sparse", coarse, "--vae", sparse_run / "final", "--no-progress") == 0
+    failed = [json.loads(x) for x in (coarse / "structure" / "manifest.jsonl").read_text().splitlines()]
+    assert len(failed) == N_OBJECTS and len(LatentDataset(coarse, split="all")) == N_OBJECTS
+    assert all(r["status"] == "failed" and "finer --sparse-res" in r["error"] for r in failed)
+    # a 128-cell band (the same VAE runs at any multiple of its factor): 16^3 structure grids
+    assert sf("preprocess", root / "synth", root / "prep_s128", "--keep-closed", "--resolution", 32,
+              "--surface-points", 1024, "--sharp-points", 0, "--sdf-points", 1024, "--sparse-res", 128,
+              "--workers", 0, "--no-progress") == 0
+    out = root / "latents_s128"
+    assert sf("encode-latents", root / "prep_s128", out, "--vae", sparse_run / "final", "--no-progress") == 0
+    info = json.loads((out / "structure" / "latents.json").read_text())
+    assert info["kind"] == "structure" and info["latent_shape"] == [1, 16, 16, 16]
+    grids = LatentDataset(out / "structure", split="all")
+    assert len(grids) == N_OBJECTS
+    coords, _ = read_sparse_latent(out / f"{grids.records[0]['id']}.npz")
+    assert torch.equal(active_voxels(grids.latent(0)), coords.long())  # +1 exactly at the latent voxels
+    structure = train(root, "structure_dit", STRUCTURE_DIT_YAML)
+    sparse = train(root, "sparse_dit", SPARSE_DIT_YAML)
+    dit, kind = load_dit(sparse / "final")
+    assert kind == "sparse_dit" and float(dit.latent_std.min()) != 1.0  # the voxel normaliser was fitted
+    assert all(np.isfinite(train_losses(sparse)))
+    gen = tmp_path / "gen"
+    rc = sf("generate", "--dit", sparse / "final", "--structure", structure / "final", "--vae",
+            sparse_run / "final", "--class", "all", "--num", 1, "--steps", 2, "--format", "obj", "--out", gen)
+    report = json.loads((gen / "generate.json").read_text())
+    assert report["structure"] == str(structure / "final") and report["labels"] == list(CLASSES)
+    made = [f for f in report["files"] if f]
+    assert rc == (0 if len(made) == 2 else 1) and len(made) + len(report["empty"]) == 2
+    assert all((gen / f).is_file() for f in made) and (gen / "preview.png").is_file()
+    # wrong combinations: one-line errors
+    capsys.readouterr()
+    assert sf("generate", "--dit", sparse / "final", "--vae", sparse_run / "final", "--class", "mug",
+              "--out", tmp_path / "x") == 2
+    assert_one_line_error(capsys, "generate", "--structure")
+    assert sf("generate", "--dit", sparse / "final", "--structure", sparse / "final", "--vae", sparse_run / "final",
+              "--class", "mug", "--out", tmp_path / "x") == 2
+    assert_one_line_error(capsys, "generate", "structure")
+    assert sf("generate", "--dit", sparse / "final", "--structure", structure / "final", "--vae",
+              sparse_run / "final", "--class", "sofa", "--out", tmp_path / "x") == 2
+    assert_one_line_error(capsys, "generate", "unknown class 'sofa'")
+    assert sf("train", root / "structure_dit.yaml", "data.root=" + str(out), "--out", tmp_path / "wrong") == 2
+    assert_one_line_error(capsys, "train", "sparse latents train a sparse_dit")
+
+
 @pytest.mark.slow
 def test_sparse_vae_trains_under_torchrun_ddp(root, sparse_run, tmp_path):
     """Two gloo ranks, each with its own number of voxels per batch: the engine's DDP path runs the family."""
@@ -863,6 +930,51 @@ def test_demo_quick_end_to_end_and_resume(tmp_path, capsys):
     assert again["seconds"]["vae"] == report["seconds"]["vae"] and again["seconds"]["dit"] == report["seconds"]["dit"]
     assert rerun < report["seconds"]["total"]
     assert again["generate"]["files"] == report["generate"]["files"]
+
+
+@pytest.mark.slow
+def test_demo_quick_sparse_pipeline_end_to_end_and_resume(tmp_path, capsys):
+    """`shapeflow demo --pipeline sparse`: the shipped sparse VAE encodes the demo's bands, both generator stages
+    train (fitted to the sparse budget), generation runs both stages, the report names them; resumes."""
+    from shapeflow.demo import QUICK
+
+    out = tmp_path / "demo"
+    args = ["demo", out, "--quick", "--pipeline", "sparse", "--per-class", 2, "--no-progress", "--workers", 1,
+            "--real-meshes", tmp_path / "none"]
+    (tmp_path / "none").mkdir()
+    assert sf(*args) == 0
+    assert "demo done" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    stages = ["synth", "preprocess", "preprocess_real", "preview_data", "latents", "structure", "dit", "generate",
+              "evaluate"]
+    assert list(report["seconds"]) == stages + ["total"]
+    training = report["training"]
+    assert training["vae"]["steps"] == 0 and "shipped" in training["vae"]
+    for name, recipe in (("structure", QUICK.max_structure_steps), ("dit", QUICK.max_sparse_dit_steps)):
+        assert training[name]["fitted"] and training[name]["steps"] == recipe
+    assert training["repeat"] == f"--pipeline sparse --structure-steps {QUICK.max_structure_steps} " \
+                                 f"--dit-steps {QUICK.max_sparse_dit_steps}"
+    assert json.loads((out / "runs" / "dit" / "final" / "config.json").read_text())["kind"] == "sparse_dit"
+    assert (out / "latents" / "structure" / "latents.json").is_file()
+    g = report["generate"]
+    assert len(g["files"]) == 2 * len(QUICK.classes) and g["nfe"] == 2 * 2 * QUICK.gen_steps  # two Heun stages
+    assert g["resolution"] == QUICK.sparse_res and "structure" in g["seconds"]
+    md = (out / "report.md").read_text()
+    assert "structure DiT (stage 1)" in md and "Sparse SDF VAE reconstruction" in md
+    for c in list(QUICK.classes) + ["all"]:
+        assert f"| {c} |" in md
+    # one-line errors for options of the other pipeline
+    capsys.readouterr()
+    assert sf("demo", tmp_path / "x", "--quick", "--pipeline", "sparse", "--vae-steps", 3) == 2
+    assert_one_line_error(capsys, "demo", "shipped sparse VAE")
+    assert sf("demo", tmp_path / "x", "--quick", "--structure-steps", 3) == 2
+    assert_one_line_error(capsys, "demo", "--pipeline sparse")
+    # resume: nothing retrained
+    ckpts = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.safetensors")}
+    assert sf(*args) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.safetensors")} == ckpts
+    assert {"structure", "dit", "latents"} <= set(again["resumed_stages"])
 
 
 @dataclasses.dataclass(frozen=True)

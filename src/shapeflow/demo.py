@@ -13,6 +13,13 @@ Stages (each skipped when its output is already complete, so an interrupted demo
    1-NNA over Chamfer) per class against **fresh** synthetic shapes (seed 1, never trained on);
 8. ``report``: ``OUT/report.md`` (+ ``report.json``) with counts, timings, metrics and pictures.
 
+**The sparse pipeline** (``shapeflow demo OUT --pipeline sparse``, :func:`_sparse_models`): preprocessing adds
+the sparse SDF band (``sparse_res``, the synthetic meshes kept as they are, as the VAE was trained), the VAE is
+the shipped tiny sparse SDF VAE (training one takes about 30 minutes on a 2-core CPU: BENCHMARKS.md), stages 4-5
+become: encode the band into sparse latents and structure grids, train the stage-1 structure grid DiT and the
+stage-2 sparse DiT (``assets/configs/demo_structure_dit.yaml``, ``demo_sparse_dit.yaml``); generation runs
+both stages and the sparse decoder at 256^3. It has its own budget (``sparse_budget_s``).
+
 **Fitted to the machine.** The demo has a time budget (``DemoConfig.budget_s`` for the ``shapeflow demo``
 run; ``make demo`` adds the set-up). The recipe is ``max_vae_steps`` / ``max_dit_steps``; before each
 training stage the engine times a few steps of it on this machine (:func:`shapeflow.train.loop.measure_step_time`),
@@ -38,10 +45,10 @@ import torch
 from shapeflow import fileio
 from shapeflow.data import format as fmt
 from shapeflow.data.datasets import ObjectFolder
-from shapeflow.data.latents import encode_dataset
+from shapeflow.data.latents import STRUCTURE_DIR, encode_dataset
 from shapeflow.data.preprocess import PreprocessConfig, preprocess_dataset, read_manifest
 from shapeflow.evaluate import eval_vae, format_table, generation_eval, reference_shapes
-from shapeflow.generate import generate, preview_grid
+from shapeflow.generate import PIPELINES, generate, preview_grid
 from shapeflow.geometry.io import load_mesh, save_mesh
 from shapeflow.geometry.synth import CATEGORIES, generate_dataset
 from shapeflow.models import load_dit, load_vae
@@ -90,6 +97,23 @@ class DemoConfig:
     metric_points: int = 2048  # points per cloud for COV / MMD / 1-NNA (PointFlow protocol)
     workers: int = 2
     seed: int = 0
+    pipeline: str = "vecset"  # "vecset" (token DiT on a VecSet VAE) or "sparse" (structure + sparse DiT, sparse VAE)
+    sparse_res: int = 256  # sparse pipeline: band resolution (the shipped sparse VAE's)
+    sparse_budget_s: float = 1500.0  # sparse pipeline: the budget of the run
+    max_structure_steps: int = 1500  # sparse pipeline: the structure DiT recipe
+    max_sparse_dit_steps: int = 1500  # sparse pipeline: the sparse DiT recipe
+    structure_steps: int | None = None  # fixed structure DiT steps (None: fitted)
+    sparse_batch: int = 12  # sparse DiT batch (structure DiT: dit_batch / 2)
+    sparse_tail_s: float = 300.0  # sparse pipeline: what generate + evaluate cost (reserved in the plan)
+
+    def __post_init__(self):
+        if self.pipeline not in ("vecset", "sparse"):
+            raise ValueError(f"demo pipeline must be 'vecset' or 'sparse', got {self.pipeline!r}")
+
+    @property
+    def budget(self) -> float:
+        """The budget of this run's pipeline."""
+        return self.sparse_budget_s if self.pipeline == "sparse" else self.budget_s
 
 
 NNA_DATA_STD = {8: 16, 16: 11, 32: 7, 64: 5}
@@ -100,7 +124,8 @@ quotes it so that a small demo's numbers are read with their spread)."""
 QUICK = DemoConfig(per_class=3, classes=("chair", "mug", "vase"), synth_resolution=48, prep_resolution=64,
                    surface_points=4096, sharp_points=1024, sdf_points=16_384, real_resolution=96,
                    max_vae_steps=30, max_dit_steps=30, probe_steps=2, vae_batch=4, dit_batch=4, gen_per_class=2,
-                   gen_steps=4, gen_resolution=32, eval_objects=2, metric_points=512)
+                   gen_steps=4, gen_resolution=32, eval_objects=2, metric_points=512, sparse_res=128,
+                   max_structure_steps=30, max_sparse_dit_steps=30, sparse_batch=4)
 
 
 def fit_steps(available_s: float, step_s: float, max_steps: int, min_fraction: float) -> tuple[int, bool]:
@@ -133,13 +158,45 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), *, real_meshes: st
     with stage("synth"):
         report["synth"] = _synth(out / "synth", classes, cfg.per_class, cfg.seed, cfg, progress)
     with stage("preprocess"):
-        report["preprocess"] = _preprocess(out / "synth", out / "prep", cfg.prep_resolution, cfg, progress)
+        report["preprocess"] = _preprocess(out / "synth", out / "prep", cfg.prep_resolution, cfg, progress,
+                                           sparse=cfg.pipeline == "sparse")
     if real_meshes is not None and Path(real_meshes).is_dir():
         with stage("preprocess_real"):
             report["preprocess_real"] = _preprocess(Path(real_meshes), out / "prep_real", cfg.real_resolution,
                                                     cfg, progress)
     with stage("preview_data"):
         report["data_preview"] = _data_preview(out)
+    if cfg.pipeline == "sparse":
+        vae_dir, dit_dir, structure_dir = _sparse_models(out, cfg, classes, report, plan, stage, progress)
+    else:
+        vae_dir, dit_dir = _vecset_models(out, cfg, classes, report, plan, stage, progress)
+        structure_dir = None
+    with stage("generate"):
+        report["generate"] = _generate(out, dit_dir, vae_dir, classes, cfg, structure_dir)
+    with stage("evaluate"):
+        report["vae_metrics"] = _eval_vae(out, vae_dir, cfg, progress)
+        report["generation_metrics"] = _eval_generation(out, classes, cfg, progress)
+    report["training"] = plan.summary()
+    # A resumed demo keeps the first run's timings of the stages it found complete.
+    done = {"synth": report["synth"]["written"] == 0, "preprocess": report["preprocess"]["new"] == 0,
+            "preprocess_real": report.get("preprocess_real", {}).get("new", 1) == 0,
+            **{k: (out / "runs" / k / ".skipped").is_file() for k in ("vae", "dit", "structure")},
+            "latents": report["latents"]["encoded"] == 0}
+    old = json.loads((out / "report.json").read_text()).get("seconds", {}) if (out / "report.json").is_file() else {}
+    report["resumed_stages"] = [k for k, v in done.items() if v and k in report["seconds"]]
+    for k in report["resumed_stages"]:
+        report["seconds"][k] = old.get(k, report["seconds"][k])
+    for marker in ("vae", "dit", "structure"):
+        (out / "runs" / marker / ".skipped").unlink(missing_ok=True)
+    report["seconds"]["total"] = round(sum(v for k, v in report["seconds"].items()), 2)
+    fileio.write_json(out / "report.json", report)
+    fileio.write_text(out / "report.md", _markdown(report))
+    return report
+
+
+def _vecset_models(out: Path, cfg: DemoConfig, classes: list[str], report: dict, plan: "_Plan", stage,
+                   progress: bool) -> tuple[Path, Path]:
+    """Stages 3-5 of the VecSet pipeline: the VAE, its latents, the token DiT; returns their checkpoints."""
     with stage("vae"):
         vae_cfg = _experiment("demo_vecset_vae.yaml", out / "runs" / "vae",
                               [f"data.root={out / 'prep'}", f"train.batch_size={cfg.vae_batch}",
@@ -163,27 +220,38 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), *, real_meshes: st
         steps = plan.steps("dit", dit_cfg, cfg.dit_steps, cfg.max_dit_steps, lambda left, step_s: left - (
             cfg.tail_vae_steps * (vae_step_s or step_s / cfg.dit_vae_step_ratio)))
         dit_dir = _train(dit_cfg, steps)
-    with stage("generate"):
-        report["generate"] = _generate(out, dit_dir, vae_dir, classes, cfg)
-    with stage("evaluate"):
-        report["vae_metrics"] = _eval_vae(out, vae_dir, cfg, progress)
-        report["generation_metrics"] = _eval_generation(out, classes, cfg, progress)
-    report["training"] = plan.summary()
-    # A resumed demo keeps the first run's timings of the stages it found complete.
-    done = {"synth": report["synth"]["written"] == 0, "preprocess": report["preprocess"]["new"] == 0,
-            "preprocess_real": report.get("preprocess_real", {}).get("new", 1) == 0,
-            "vae": (out / "runs" / "vae" / ".skipped").is_file(), "dit": (out / "runs" / "dit" / ".skipped").is_file(),
-            "latents": report["latents"]["encoded"] == 0}
-    old = json.loads((out / "report.json").read_text()).get("seconds", {}) if (out / "report.json").is_file() else {}
-    report["resumed_stages"] = [k for k, v in done.items() if v and k in report["seconds"]]
-    for k in report["resumed_stages"]:
-        report["seconds"][k] = old.get(k, report["seconds"][k])
-    for marker in ("vae", "dit"):
-        (out / "runs" / marker / ".skipped").unlink(missing_ok=True)
-    report["seconds"]["total"] = round(sum(v for k, v in report["seconds"].items()), 2)
-    fileio.write_json(out / "report.json", report)
-    fileio.write_text(out / "report.md", _markdown(report))
-    return report
+    return vae_dir, dit_dir
+
+
+def _sparse_models(out: Path, cfg: DemoConfig, classes: list[str], report: dict, plan: "_Plan", stage,
+                   progress: bool) -> tuple[Path, Path, Path]:
+    """Stages 3-5 of the sparse pipeline: the shipped sparse VAE, its latents + structure grids, the structure
+    DiT and the sparse DiT; returns ``(vae, sparse DiT, structure DiT)`` checkpoints."""
+    vae_dir = PIPELINES["sparse"]["vae"]
+    plan.entries["vae"] = {"steps": 0, "fitted": False, "shipped": str(vae_dir)}
+    with stage("latents"):
+        s = encode_dataset(vae_dir, out / "prep", out / "latents", progress=progress)
+        report["latents"] = {k: v for k, v in s.items() if k != "seconds"}
+    vae, _ = load_vae(vae_dir)
+    r = cfg.sparse_res // vae.config.factor
+    common = [f"model.classes={json.dumps(classes)}", f"model.resolution={r}", f"train.precision={cfg.precision}"]
+    with stage("structure"):
+        exp = _experiment("demo_structure_dit.yaml", out / "runs" / "structure",
+                          [f"data.root={out / 'latents' / STRUCTURE_DIR}", f"train.batch_size={cfg.dit_batch // 2}",
+                           *common])
+        # time left after the last stages, shared in proportion to the recipes' step counts (timed here)
+        share = cfg.max_structure_steps / (cfg.max_structure_steps + cfg.max_sparse_dit_steps)
+        steps = plan.steps("structure", exp, cfg.structure_steps, cfg.max_structure_steps,
+                           lambda left, step_s: share * (left - cfg.sparse_tail_s))
+        structure_dir = _train(exp, steps)
+    with stage("dit"):
+        exp = _experiment("demo_sparse_dit.yaml", out / "runs" / "dit",
+                          [f"data.root={out / 'latents'}", f"model.in_channels={vae.config.latent_channels}",
+                           f"train.batch_size={cfg.sparse_batch}", *common])
+        steps = plan.steps("dit", exp, cfg.dit_steps, cfg.max_sparse_dit_steps,
+                           lambda left, step_s: left - cfg.sparse_tail_s)
+        dit_dir = _train(exp, steps)
+    return vae_dir, dit_dir, structure_dir
 
 
 class _Plan:
@@ -209,7 +277,7 @@ class _Plan:
         else:
             step_s = measure_step_time(dataclasses.replace(exp, train=dataclasses.replace(
                 exp.train, steps=max_steps)), steps=self.cfg.probe_steps)
-            left = self.cfg.budget_s - (time.perf_counter() - self.t_start)
+            left = self.cfg.budget - (time.perf_counter() - self.t_start)
             plan_s = step_s * self.cfg.step_margin
             spend = available(left, plan_s)
             n, too_slow = fit_steps(spend, plan_s, max_steps, self.cfg.min_fraction)
@@ -222,13 +290,16 @@ class _Plan:
         log.info("demo %s: %d training steps, %s", name, entry["steps"], how)
         if entry.get("too_slow"):
             log.warning("demo %s: this machine is too slow for the %.0f s budget: training the floor of %d steps "
-                        "(%.0f %% of the recipe); the demo will take longer", name, self.cfg.budget_s,
+                        "(%.0f %% of the recipe); the demo will take longer", name, self.cfg.budget,
                         entry["steps"], 100 * self.cfg.min_fraction)
         return entry["steps"]
 
     def summary(self) -> dict:
-        return {**self.entries, "budget_s": self.cfg.budget_s,
-                "repeat": f"--vae-steps {self.entries['vae']['steps']} --dit-steps {self.entries['dit']['steps']}"}
+        e = self.entries
+        repeat = (f"--pipeline sparse --structure-steps {e['structure']['steps']} --dit-steps {e['dit']['steps']}"
+                  if self.cfg.pipeline == "sparse" else
+                  f"--vae-steps {e['vae']['steps']} --dit-steps {e['dit']['steps']}")
+        return {**e, "budget_s": self.cfg.budget, "repeat": repeat}
 
 
 class _Timer:
@@ -252,15 +323,19 @@ def _synth(path: Path, classes, per_class: int, seed: int, cfg: DemoConfig, prog
     return {"written": s.get("written"), "skipped": s.get("skipped"), "objects": per_class * len(classes)}
 
 
-def _prep_config(resolution: int, cfg: DemoConfig) -> PreprocessConfig:
+def _prep_config(resolution: int, cfg: DemoConfig, sparse: bool = False) -> PreprocessConfig:
     # The offset surfaces even for the (closed) synthetic meshes: trained on the meshes as they are
-    # (PreprocessConfig.keep_closed) the demo pair scored worse (BENCHMARKS.md).
+    # (PreprocessConfig.keep_closed) the demo pair scored worse (BENCHMARKS.md). The sparse pipeline keeps them
+    # as they are (its shipped VAE was trained so) and adds the band.
+    if sparse:
+        return PreprocessConfig(resolution=resolution, surface_points=cfg.surface_points, sharp_points=0,
+                                sdf_points=cfg.sdf_points, keep_closed=True, sparse_res=cfg.sparse_res, seed=cfg.seed)
     return PreprocessConfig(resolution=resolution, surface_points=cfg.surface_points,
                             sharp_points=cfg.sharp_points, sdf_points=cfg.sdf_points, seed=cfg.seed)
 
 
-def _preprocess(src: Path, dst: Path, resolution: int, cfg: DemoConfig, progress: bool) -> dict:
-    s = preprocess_dataset(src, dst, _prep_config(resolution, cfg), workers=cfg.workers, progress=progress)
+def _preprocess(src: Path, dst: Path, resolution: int, cfg: DemoConfig, progress: bool, sparse: bool = False) -> dict:
+    s = preprocess_dataset(src, dst, _prep_config(resolution, cfg, sparse), workers=cfg.workers, progress=progress)
     recs = read_manifest(dst)
     secs = [r["stats"].get("seconds", 0.0) for r in recs if r["status"] == "ok"]
     return {"ok": sum(r["status"] == "ok" for r in recs), "failed": sum(r["status"] == "failed" for r in recs),
@@ -312,15 +387,16 @@ def _train(cfg: ExperimentConfig, steps: int) -> Path:
     return out_dir / "final"
 
 
-def _generate(out: Path, dit_dir: Path, vae_dir: Path, classes: list[str], cfg: DemoConfig) -> dict:
+def _generate(out: Path, dit_dir: Path, vae_dir: Path, classes: list[str], cfg: DemoConfig,
+              structure_dir: Path | None = None) -> dict:
     dit, dit_kind = load_dit(dit_dir)
     vae, vae_kind = load_vae(vae_dir)
+    structure = load_dit(structure_dir)[0] if structure_dir is not None else None
     labels = [c for c in classes for _ in range(cfg.gen_per_class)]
     cond = torch.tensor([classes.index(c) for c in labels])
     res = generate(dit, vae, dit_kind=dit_kind, vae_kind=vae_kind, num=len(labels), cond=cond, labels=labels,
                    steps=cfg.gen_steps, method=cfg.gen_method, cfg_scale=cfg.cfg_scale, seed=1000,
-                   resolution=cfg.gen_resolution,
-                   smooth=cfg.gen_smooth)
+                   resolution=cfg.gen_resolution, smooth=cfg.gen_smooth, structure=structure)
     gen_dir = out / "generated"
     files = []
     for k, (mesh, label) in enumerate(zip(res.meshes, labels)):
@@ -331,8 +407,8 @@ def _generate(out: Path, dit_dir: Path, vae_dir: Path, classes: list[str], cfg: 
     save_png(out / "generated.png", preview_grid(res.meshes, labels, ncols=cfg.gen_per_class))
     return {"files": files, "empty": sum(f is None for f in files), "nfe": res.nfe,
             "seconds": {k: round(v, 2) for k, v in res.seconds.items()}, "cfg_scale": cfg.cfg_scale,
-            "steps": cfg.gen_steps, "method": cfg.gen_method, "resolution": cfg.gen_resolution,
-            "smooth": cfg.gen_smooth}
+            "steps": cfg.gen_steps, "method": cfg.gen_method,
+            "resolution": cfg.sparse_res if structure is not None else cfg.gen_resolution, "smooth": cfg.gen_smooth}
 
 
 def _eval_vae(out: Path, vae_dir: Path, cfg: DemoConfig, progress: bool) -> dict:
@@ -364,10 +440,14 @@ def _markdown(r: dict) -> str:
     lines += ["", "## Training", "", f"Fitted to a budget of {t['budget_s']:.0f} s for the whole run "
               "(the recipe where it fits; the steps are timed on this machine first):", "",
               "| model | steps | recipe | s / step (measured) | how |", "|---|---|---|---|---|"]
-    for name, label in (("vae", "VecSet VAE"), ("dit", "token DiT")):
+    sparse = r["config"].get("pipeline") == "sparse"
+    models = ((("vae", "sparse SDF VAE"), ("structure", "structure DiT (stage 1)"), ("dit", "sparse DiT (stage 2)"))
+              if sparse else (("vae", "VecSet VAE"), ("dit", "token DiT")))
+    for name, label in models:
         e = t[name]
         how = ("fitted; **too slow for the budget: the floor**" if e.get("too_slow")
-               else "fitted" if e.get("fitted") else "given")
+               else "fitted" if e.get("fitted") else "the shipped checkpoint, not trained here" if e.get("shipped")
+               else "given")
         step_s = f"{e['step_s']:.3f}" if e.get("step_s") else "-"
         lines.append(f"| {label} | {e['steps']} | {e.get('recipe_steps', '-')} | {step_s} | {how} |")
     lines += ["", f"Repeat exactly: `shapeflow demo OUT {t['repeat']}`."]
@@ -375,14 +455,15 @@ def _markdown(r: dict) -> str:
     for key in ("preprocess", "preprocess_real"):
         if key in r:
             p = r[key]
-            lines.append(f"- `{key}`: {p['ok']} ok, {p['failed']} failed at {p['resolution']}^3, "
-                         f"median {p['median_object_seconds']:.2f} s per object")
+            median = p["median_object_seconds"]
+            lines.append(f"- `{key}`: {p['ok']} ok, {p['failed']} failed at {p['resolution']}^3"
+                         + (f", median {median:.2f} s per object" if median is not None else ""))
             lines += [f"  - failed: {e}" for e in p["errors"]]
     if r.get("data_preview"):
         lines += ["", f"![watertight results]({r['data_preview']})"]
     v = r["vae_metrics"]
     held = "held-out" if v.get("split") == "val" else "all (no held-out split at this size)"
-    lines += ["", f"## VecSet VAE reconstruction ({held} synthetic objects)", "",
+    lines += ["", f"## {'Sparse SDF' if sparse else 'VecSet'} VAE reconstruction ({held} synthetic objects)", "",
               f"{v['objects']} objects: volume IoU {v.get('iou', float('nan')):.3f}, "
               f"Chamfer-L1 {v.get('chamfer_l1', float('nan')):.4f}, F@1% {v.get('f_score@1%', float('nan')):.3f}, "
               f"normal consistency {v.get('normal_consistency', float('nan')):.3f} (table: vae_eval.md)"]

@@ -277,6 +277,7 @@ def flow_matching_loss(
     noise: torch.Tensor | None = None,
     t: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, FlowTerms]:
     """Conditional flow-matching loss ``E || model(x_t, t, c) - (data - noise) ||^2``.
 
@@ -288,6 +289,9 @@ def flow_matching_loss(
         probability ``config.cond_dropout`` (zeros by default; labels need ``null_cond``, e.g. the null
         class index ``num_classes`` as an int).
     noise, t : optional fixed draws (tests, overfitting); drawn from ``generator`` when ``None``.
+    mask : optional bool tensor broadcastable to ``data``, False on padding (variable-length samples packed
+        into one batch: the sparse DiT). Noise is zero there, and each sample's error is the mean over its
+        real elements only.
 
     Returns
     -------
@@ -302,6 +306,9 @@ def flow_matching_loss(
         t = sample_t(b, config.t_sampling, mean=config.logit_mean, std=config.logit_std, shift=config.shift,
                      generator=generator, device=data.device)
     t = t.to(device=data.device, dtype=data.dtype)
+    if mask is not None:
+        mask = mask.to(device=data.device, dtype=data.dtype).expand_as(data)
+        noise, data = noise * mask, data * mask
     if config.set_coupling == "ot":
         data = match_tokens(noise, data)
     if cond is not None and config.cond_dropout > 0:
@@ -310,7 +317,12 @@ def flow_matching_loss(
     pred = model_fn(x_t, t, cond)
     if pred.shape != data.shape:
         raise ValueError(f"model output {tuple(pred.shape)} does not match the data {tuple(data.shape)}")
-    per_sample = (pred.float() - target_velocity(noise, data).float()).pow(2).flatten(1).mean(1)  # (b,)
+    err = (pred.float() - target_velocity(noise, data).float()).pow(2)
+    if mask is None:
+        per_sample = err.flatten(1).mean(1)  # (b,)
+    else:
+        m = mask.float()
+        per_sample = (err * m).flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1.0)  # (b,)
     return per_sample.mean(), FlowTerms(per_sample.detach(), t.detach().float())
 
 

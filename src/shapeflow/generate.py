@@ -12,6 +12,19 @@ One function, :func:`generate`, used by ``shapeflow generate``, the demo and the
    (:mod:`shapeflow.decode`), the decoder's grid for voxel-grid VAEs. A sample whose field has no surface
    gets no mesh; :attr:`Generated.empty` says which and why, and the command reports it.
 
+**Sparse generation** (a ``sparse_dit`` with its ``structure`` grid DiT and a ``sparse_vae``; TRELLIS's two
+stages with Direct3D-S2 / TRELLIS.2 SDF latents) replaces step 2 by:
+
+* stage 1: the structure grid DiT samples the ``(1, r, r, r)`` occupancy of the latent grid from seed ``seed + i``;
+  its cells above 0 are the object's active voxels (:func:`~shapeflow.models.sparse_dit.active_voxels`), by
+  default only its largest 26-connected piece (``structure_pieces="largest"``: a detached piece of the
+  structure would decode as a floater);
+* stage 2: the sparse DiT samples the latent features on those voxels, noise per voxel from seed ``seed + i``;
+
+and decodes each latent with :meth:`SparseSDFVAE.decode_mesh <shapeflow.models.sparse_vae.SparseSDFVAE.decode_mesh>`
+at the band resolution of the latent grid (``r`` times the VAE's factor; 256 for the tiny models). A
+structure without voxels is a recorded empty sample, like a field without surface.
+
 The shipped ``tiny`` checkpoints (``shapeflow/assets/tiny/``) are the defaults of ``shapeflow generate``.
 """
 
@@ -24,12 +37,15 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import scipy.ndimage
 import torch
 
 from shapeflow.decode import decode_to_mesh
 from shapeflow.geometry.marching_cubes import EmptySurfaceError
+from shapeflow.models.sparse_dit import active_voxels, unpack, velocity_fn
 from shapeflow.render import image_grid, render_mesh
 from shapeflow.sampling import initial_noise, sample
+from shapeflow.sparse import SparseTensor
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +53,11 @@ ASSETS = Path(__file__).resolve().parent / "assets" / "tiny"
 DEFAULT_DIT = ASSETS / "token_dit"
 DEFAULT_VAE = ASSETS / "vecset_vae"
 SHIPPED_VAES = {"vecset": DEFAULT_VAE, "sparse": ASSETS / "sparse_vae"}  # the tiny VAEs in the package
+#: The shipped generator pipelines: checkpoint paths per role (``shapeflow generate --pipeline NAME``).
+PIPELINES = {
+    "vecset": {"dit": DEFAULT_DIT, "vae": DEFAULT_VAE},
+    "sparse": {"dit": ASSETS / "sparse_dit", "structure": ASSETS / "structure_dit", "vae": ASSETS / "sparse_vae"},
+}
 
 
 @dataclass
@@ -44,7 +65,8 @@ class Generated:
     """The output of :func:`generate`: one mesh (or ``None`` when nothing was decoded) per sample."""
 
     meshes: list[tuple[np.ndarray, np.ndarray] | None]
-    latents: torch.Tensor  # (n, ...) VAE-space latents
+    latents: torch.Tensor | list  # (n, ...) VAE-space latents; sparse: per sample (coords (m, 3), feats (m, c))
+    #   or None where stage 1 gave no voxels
     labels: list[str]
     seconds: dict = field(default_factory=dict)
     nfe: int = 0
@@ -86,6 +108,8 @@ def generate(
     decode: bool = True,
     device: str = "cpu",
     progress: bool = False,
+    structure=None,
+    structure_pieces: str = "largest",
 ) -> Generated:
     """Sample ``num`` shapes.
 
@@ -96,7 +120,14 @@ def generate(
     resolution : marching-cubes grid for VecSet VAEs (cells per axis); grid VAEs use their own grid.
     smooth : Gaussian filter of the decoded fields, standard deviation in world units (0: none; see
         :func:`decode_latents`).
+    structure : the stage-1 grid DiT of a ``sparse_dit`` (module docstring); ``structure_pieces``:
+        ``"largest"`` keeps the largest 26-connected piece of each sampled structure, ``"all"`` every voxel.
     """
+    if dit_kind == "sparse_dit" or vae_kind == "sparse_vae":
+        return _generate_sparse(dit, structure, vae, dit_kind=dit_kind, vae_kind=vae_kind, num=num, cond=cond,
+                                labels=labels, steps=steps, method=method, shift=shift, cfg_scale=cfg_scale,
+                                cfg_interval=cfg_interval, seed=seed, decode=decode, device=device,
+                                progress=progress, pieces=structure_pieces)
     if (vae_kind == "vecset_vae") != (dit_kind == "token_dit"):
         raise ValueError(f"a {dit_kind} cannot be decoded by a {vae_kind}: token DiTs go with VecSet VAEs, "
                          "grid DiTs with grid VAEs")
@@ -122,6 +153,111 @@ def generate(
     out.meshes, out.empty = decode_latents(vae, vae_kind, z, resolution=resolution, smooth=smooth)
     seconds["decode"] = time.perf_counter() - t0
     return out
+
+
+def _null(dit, cond, cfg_scale: float, num: int, device):
+    if cond is None or cfg_scale == 1.0:
+        return None
+    return dit.null_condition(num, num_tokens=cond.shape[1] if cond.ndim == 3 else None, device=device)
+
+
+def check_sparse_pipeline(dit, structure, vae, *, dit_kind: str, vae_kind: str) -> None:
+    """One-line errors for a sparse DiT / structure DiT / sparse VAE triple that does not fit together."""
+    if dit_kind != "sparse_dit" or vae_kind != "sparse_vae":
+        raise ValueError(f"a {dit_kind} cannot be decoded by a {vae_kind}: sparse DiTs go with sparse VAEs")
+    if structure is None:
+        raise ValueError("a sparse_dit needs its stage-1 structure DiT (a grid_dit on the structure grids)")
+    r = dit.config.resolution
+    sc = structure.config
+    if getattr(sc, "resolution", None) != r or sc.in_channels != 1:
+        raise ValueError(f"the structure DiT generates {sc.in_channels} x {getattr(sc, 'resolution', '?')}^3 grids; "
+                         f"the sparse DiT needs 1 x {r}^3 occupancy")
+    if sc.cond != dit.config.cond or tuple(sc.classes) != tuple(dit.config.classes):
+        raise ValueError(f"the structure DiT ({sc.cond}: {list(sc.classes)}) and the sparse DiT "
+                         f"({dit.config.cond}: {list(dit.config.classes)}) take different conditions")
+    if dit.config.in_channels != vae.config.latent_channels:
+        raise ValueError(f"the sparse DiT makes {dit.config.in_channels}-channel latents, the VAE decodes "
+                         f"{vae.config.latent_channels}")
+
+
+def largest_piece(coords: torch.Tensor, resolution: int) -> torch.Tensor:
+    """The voxels ``(m, 3)`` of the largest 26-connected piece of a voxel set (ties: the first in row-major
+    order), in their given order."""
+    if len(coords) == 0:
+        return coords
+    grid = np.zeros((resolution,) * 3, bool)
+    c = coords.cpu().numpy()
+    grid[c[:, 0], c[:, 1], c[:, 2]] = True
+    labels, count = scipy.ndimage.label(grid, structure=np.ones((3, 3, 3), bool))
+    if count <= 1:
+        return coords
+    lab = labels[c[:, 0], c[:, 1], c[:, 2]]
+    sizes = np.bincount(lab, minlength=count + 1)
+    sizes[0] = 0
+    return coords[torch.from_numpy(lab == int(np.argmax(sizes)))]
+
+
+@torch.no_grad()
+def _generate_sparse(dit, structure, vae, *, dit_kind, vae_kind, num, cond, labels, steps, method, shift, cfg_scale,
+                     cfg_interval, seed, decode, device, progress, pieces) -> Generated:
+    """The two stages and the sparse decoder (module docstring)."""
+    check_sparse_pipeline(dit, structure, vae, dit_kind=dit_kind, vae_kind=vae_kind)
+    if pieces not in ("largest", "all"):
+        raise ValueError(f"structure_pieces must be 'largest' or 'all', got {pieces!r}")
+    for m in (dit, structure, vae):
+        m.to(device).eval()
+    r, c = dit.config.resolution, dit.config.in_channels
+    cond = cond.to(device) if cond is not None else None
+    opts = dict(steps=steps, method=method, shift=shift, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
+                progress=progress, return_stats=True)
+    out = Generated(meshes=[None] * num, latents=[None] * num, labels=list(labels or [""] * num))
+    # stage 1: which voxels
+    t0 = time.perf_counter()
+    noise = initial_noise((num, 1, r, r, r), seed=[seed + i for i in range(num)], device=device)
+    grids, stats = sample(structure, noise, cond=cond, null_cond=_null(structure, cond, cfg_scale, num, device),
+                          **opts)
+    grids = structure.denormalize_latents(grids).cpu()
+    voxels = [active_voxels(g) for g in grids]
+    if pieces == "largest":
+        voxels = [largest_piece(v, r) for v in voxels]
+    out.seconds["structure"] = time.perf_counter() - t0
+    out.nfe = stats.nfe
+    keep = [i for i in range(num) if len(voxels[i])]
+    for i in set(range(num)) - set(keep):
+        out.empty[i] = "the structure stage generated no active voxels"
+    if not keep:
+        return out
+    # stage 2: the latent features on them
+    t0 = time.perf_counter()
+    noise = [torch.randn(len(voxels[i]), c, generator=torch.Generator().manual_seed(seed + i)) for i in keep]
+    tokens = dit.pack([voxels[i] for i in keep], noise).to(device)
+    sub = cond[keep] if cond is not None else None
+    x, stats = sample(velocity_fn(dit, tokens), tokens.x, cond=sub,
+                      null_cond=_null(dit, sub, cfg_scale, len(keep), device), **opts)
+    out.nfe += stats.nfe
+    for i, f in zip(keep, unpack(x, tokens)):
+        out.latents[i] = (voxels[i], vae.unscale_latents(dit.denormalize_latents(f)).cpu())
+    out.seconds["sample"] = time.perf_counter() - t0
+    if decode:
+        t0 = time.perf_counter()
+        for i in keep:
+            try:
+                out.meshes[i] = decode_sparse_latent(vae, *out.latents[i], cells=r, device=device)
+            except EmptySurfaceError as e:
+                out.empty[i] = str(e)
+        out.seconds["decode"] = time.perf_counter() - t0
+    return out
+
+
+@torch.no_grad()
+def decode_sparse_latent(vae, coords: torch.Tensor, feats: torch.Tensor, *, cells: int,
+                         device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """One sparse latent (voxels ``(m, 3)`` of a ``cells^3`` latent grid, features ``(m, c)`` in VAE space) ->
+    a mesh in the canonical frame (:meth:`SparseSDFVAE.decode_mesh`)."""
+    order = torch.argsort((coords[:, 0] * cells + coords[:, 1]) * cells + coords[:, 2])
+    idx = torch.cat([torch.zeros(len(coords), 1, dtype=torch.int32), coords[order].int()], dim=1)
+    z = SparseTensor(idx.to(device), feats[order].float().to(device), cells + 1, 1)
+    return vae.decode_mesh(z)
 
 
 @torch.no_grad()

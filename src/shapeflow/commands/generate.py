@@ -11,6 +11,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
+PIPELINE_NAMES = ("vecset", "sparse")  # = shapeflow.generate.PIPELINES (not imported here: the CLI loads lazily)
+DEFAULT_PIPELINE = "vecset"
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -18,16 +21,27 @@ def register(subparsers) -> None:
         help="sample shapes from a trained generator (DiT + VAE) to meshes and a preview picture",
         description="Writes OUT/sample_<k>.<fmt> per shape, OUT/preview.png and OUT/generate.json. The same "
                     "arguments and seed give the same files. Without --dit/--vae the shipped tiny "
-                    "class-conditional checkpoints (trained on the synthetic set) are used.",
+                    "class-conditional checkpoints (trained on the synthetic set) of --pipeline are used. A "
+                    "sparse DiT (--dit of kind sparse_dit) runs two stages: its structure grid DiT "
+                    "(--structure) samples which latent voxels are active, the sparse DiT their latents, and "
+                    "the sparse SDF VAE decodes them at 256^3 (tiny models).",
         epilog="examples:\n"
                "  shapeflow generate --class chair --num 4 --out out/chairs\n"
+               "  shapeflow generate --pipeline sparse --class all --num 2 --out out/sparse\n"
                "  shapeflow generate --dit runs/dit/final --vae runs/vae/final --num 8 --steps 50 --cfg 3 "
                "--out out/gen\n"
+               "  shapeflow generate --dit runs/sparse_dit/final --structure runs/structure/final "
+               "--vae runs/sparse_vae/final --class mug --out out/mugs\n"
                "  shapeflow generate --dit DIT --vae VAE --image photo.png --image-encoder facebook/dinov2-large "
                "--out out/img",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--pipeline", default=None, choices=sorted(PIPELINE_NAMES),
+                   help="which shipped tiny generator fills in what --dit/--structure/--vae leave out (default: "
+                        f"{DEFAULT_PIPELINE}, or sparse for a --dit of kind sparse_dit)")
     p.add_argument("--dit", default=None, metavar="CKPT", help="DiT checkpoint (default: shipped tiny)")
+    p.add_argument("--structure", default=None, metavar="CKPT",
+                   help="stage-1 structure grid DiT of a sparse DiT (required with your own sparse --dit)")
     p.add_argument("--vae", default=None, metavar="CKPT", help="VAE checkpoint (default: shipped tiny)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--class", dest="class_name", default=None, metavar="NAME",
@@ -44,6 +58,9 @@ def register(subparsers) -> None:
     p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="apply guidance only for t in [LO, HI] (t = 0 noise, 1 data)")
     p.add_argument("--seed", type=int, default=0, help="sample k uses seed + k")
+    p.add_argument("--structure-pieces", default="largest", choices=["largest", "all"],
+                   help="sparse DiTs: keep the largest 26-connected piece of each sampled structure (default) or "
+                        "all of it")
     p.add_argument("--resolution", type=int, default=128, metavar="R", help="marching-cubes grid (VecSet)")
     p.add_argument("--num-tokens", type=int, default=None, metavar="M",
                    help="latent tokens per shape (token DiTs; default: the DiT's trained count, model.num_tokens)")
@@ -58,7 +75,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from shapeflow import fileio
-    from shapeflow.generate import DEFAULT_DIT, DEFAULT_VAE, generate, preview_grid
+    from shapeflow.generate import PIPELINES, generate, preview_grid
     from shapeflow.geometry.io import save_mesh
     from shapeflow.models import load_dit, load_vae
     from shapeflow.render import save_png
@@ -69,10 +86,22 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-tokens must be >= 1, got {args.num_tokens}")
     if args.smooth < 0:
         raise ValueError(f"--smooth must be >= 0 (a length in world units), got {args.smooth}")
-    dit_path = Path(args.dit) if args.dit else DEFAULT_DIT
-    vae_path = Path(args.vae) if args.vae else DEFAULT_VAE
+    pipeline = args.pipeline or DEFAULT_PIPELINE
+    dit_path = Path(args.dit) if args.dit else PIPELINES[pipeline]["dit"]
     dit, dit_kind = load_dit(dit_path, ema=False)
+    if args.dit and args.pipeline is None and dit_kind == "sparse_dit":
+        pipeline = "sparse"
+    vae_path = Path(args.vae) if args.vae else PIPELINES[pipeline]["vae"]
     vae, vae_kind = load_vae(vae_path)
+    structure, structure_path = None, None
+    if dit_kind == "sparse_dit":
+        if args.structure is None and args.dit:
+            raise ValueError(f"{dit_path}: a sparse DiT needs the structure DiT it was trained with: pass "
+                             "--structure CKPT (the grid_dit trained on the latent folder's structure/)")
+        structure_path = Path(args.structure) if args.structure else PIPELINES["sparse"]["structure"]
+        structure, _ = load_dit(structure_path, ema=False)
+    elif args.structure:
+        raise ValueError(f"{dit_path}: --structure goes with a sparse DiT, this is a {dit_kind}")
 
     cond, labels = None, [""] * args.num
     if dit.config.cond == "class":
@@ -99,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
                       labels=labels, steps=args.steps, method=args.method, shift=args.shift, cfg_scale=args.cfg,
                       cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else None, seed=args.seed,
                       resolution=args.resolution, smooth=args.smooth, num_tokens=args.num_tokens,
-                      device=args.device, progress=True)
+                      device=args.device, progress=True, structure=structure,
+                      structure_pieces=args.structure_pieces)
     out = Path(args.out)
     files = []
     for k, mesh in enumerate(result.meshes):
@@ -113,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
                                                                for k, label in enumerate(result.labels)]))
     fileio.write_json(out / "generate.json", {
         "dit": str(dit_path), "vae": str(vae_path), "labels": result.labels, "files": files,
+        "structure": str(structure_path) if structure_path else None,
+        "structure_pieces": args.structure_pieces if structure is not None else None,
         "steps": args.steps, "method": args.method, "shift": args.shift, "cfg": args.cfg,
         "cfg_interval": args.cfg_interval, "seed": args.seed, "resolution": args.resolution,
         "smooth": args.smooth, "num_tokens": args.num_tokens,
@@ -122,8 +154,10 @@ def run(args: argparse.Namespace) -> int:
     for k, reason in result.empty.items():
         print(f"sample {k}: no surface decoded ({reason})", file=sys.stderr)
     n_ok = sum(f is not None for f in files)
+    stages = "".join(f"{name} {result.seconds[key]:.1f} s, " for key, name in
+                     (("structure", "structure"), ("sample", "sampling")) if key in result.seconds)
     print(f"generated {n_ok}/{len(files)} shapes ({result.nfe} evaluations each) -> {out} "
-          f"(sampling {result.seconds['sample']:.1f} s, decoding {result.seconds.get('decode', 0):.1f} s)")
+          f"({stages}decoding {result.seconds.get('decode', 0):.1f} s)")
     return 0 if n_ok == len(files) else 1
 
 

@@ -9,6 +9,9 @@ Layout of a latent folder (``shapeflow encode-latents``)::
                               (``vae.scale_latents``): (m, c) tokens or (c, r, r, r) grid
     OUT_DIR/<id>.npz          sparse latents (sparse SDF VAE): ``coords`` (m, 3) int16 latent-grid nodes
                               [i, j, k], sorted, and ``feats`` (m, c) float32, scaled like the others
+    OUT_DIR/structure/        sparse latents only: a latent folder of its own (same layout) with each
+                              object's structure grid ``<id>.npy`` (1, r, r, r), +1 at its latent voxels,
+                              -1 elsewhere (r = cells of the latent grid): the data of the stage-1 grid DiT
 
 Design choices
 
@@ -47,6 +50,7 @@ from shapeflow.data import format as fmt
 from shapeflow.data.datasets import GridDataset, class_of, is_val
 from shapeflow.data.preprocess import read_manifest
 from shapeflow.models import load_vae, model_kind
+from shapeflow.models.sparse_dit import structure_grid
 from shapeflow.sparse import SparseTensor
 
 log = logging.getLogger(__name__)
@@ -193,7 +197,7 @@ def encode_dataset(
     grid_index = {r["id"]: i for i, r in enumerate(grid_ds.records)} if grid_ds is not None else None
     bar = tqdm(total=len(todo), desc="encode", unit="obj", disable=not progress)
     if kind == "sparse_vae":
-        _encode_sparse(model, data_dir, out, todo, device, summary, bar)
+        _encode_sparse(model, data_dir, out, todo, device, summary, bar, info)
         todo = []  # done above: a sparse band is a batch of its own
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
@@ -227,8 +231,19 @@ def encode_dataset(
     return summary
 
 
-def _encode_sparse(model, data_dir: Path, out: Path, todo: list[dict], device, summary: dict, bar) -> None:
-    """Sparse SDF VAE: one object at a time (its band is the batch) -> ``<id>.npz`` latent coords + feats."""
+STRUCTURE_DIR = "structure"
+
+
+def _structure_info(info: dict, cells: int) -> dict:
+    return {**{k: info[k] for k in ("vae", "vae_sha256", "data_dir", "version")}, "kind": "structure",
+            "source": "sparse latent voxels", "latent_shape": [1, cells, cells, cells]}
+
+
+def _encode_sparse(model, data_dir: Path, out: Path, todo: list[dict], device, summary: dict, bar,
+                   info: dict) -> None:
+    """Sparse SDF VAE: one object at a time (its band is the batch) -> ``<id>.npz`` latent coords + feats, and
+    its structure grid in ``structure/<id>.npy``."""
+    sdir = out / STRUCTURE_DIR
     for r in todo:
         bar.update(1)
         try:
@@ -240,11 +255,40 @@ def _encode_sparse(model, data_dir: Path, out: Path, todo: list[dict], device, s
         with torch.no_grad():
             posterior, latent = model.encode(x)
         feats = model.scale_latents(posterior.mode()).float().cpu().numpy()
+        _write_structure(sdir, r, latent, info)
         with fileio.atomic_path(sparse_latent_file(out, r["id"])) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez(fh, coords=latent.coords[:, 1:].cpu().numpy().astype(np.int16), feats=feats)
         _record(out, r, "ok", None)
         summary["encoded"] += 1
+
+
+def _write_structure(sdir: Path, rec: Mapping, latent: SparseTensor, info: dict) -> None:
+    """The object's structure grid (its latent voxels on the ``cells^3`` grid) into ``sdir``; an object whose
+    band reaches the last node plane of the grid (coarse ``--sparse-res``: the band of a shape touching the
+    0.95 box spills past the bound) is recorded failed there, its sparse latent is kept."""
+    cells = latent.shape - 1
+    _write_structure_info(sdir, _structure_info(info, cells))
+    coords = latent.coords[:, 1:].cpu()
+    if len(coords) and int(coords.max()) >= cells:
+        _record_failure(sdir, rec, ValueError(
+            f"latent voxels on the last node plane ({int(coords.max())}) of the {cells}^3 structure grid; "
+            "preprocess with a finer --sparse-res"))
+        return
+    with fileio.atomic_path(sdir / f"{rec['id']}.npy") as tmp:
+        np.save(tmp, structure_grid(coords, cells).numpy())
+    _record(sdir, rec, "ok", None)
+
+
+def _write_structure_info(sdir: Path, info: dict) -> None:
+    path = sdir / INFO_FILE
+    if path.is_file():
+        if json.loads(path.read_text())["latent_shape"] != info["latent_shape"]:
+            raise ValueError(f"{path}: structure grids of another size; objects of one latent folder share "
+                             "one band resolution")
+        return
+    sdir.mkdir(parents=True, exist_ok=True)
+    fileio.write_json(path, info)
 
 
 def _record_failure(out: Path, rec: Mapping, e: Exception) -> None:

@@ -8,6 +8,7 @@ kind            class                                           latent
 ``sparse_vae``  :class:`~shapeflow.models.sparse_vae.SparseSDFVAE`  sparse grid: coords ``(M, 4)`` + ``(M, c)``
 ``token_dit``   :class:`~shapeflow.models.dit.TokenDiT`          velocity on token latents
 ``grid_dit``    :class:`~shapeflow.models.dit.GridDiT`           velocity on grid latents
+``sparse_dit``  :class:`~shapeflow.models.sparse_dit.SparseDiT`  velocity on sparse latents' voxels
 ==============  ==============================================  =========================================
 
 Every family saves and loads through :class:`shapeflow.checkpoint.Pretrained`: ``Model.from_pretrained(path)``
@@ -26,6 +27,7 @@ from torch import nn
 
 from shapeflow.checkpoint import CheckpointError, read_model_kind
 from shapeflow.models.dit import GridDiT, GridDiTConfig, TokenDiT, TokenDiTConfig
+from shapeflow.models.sparse_dit import SparseDiT, SparseDiTConfig
 from shapeflow.models.grid_vae import GridVAE, GridVAEConfig
 from shapeflow.models.sparse_vae import SparseSDFVAE, SparseSDFVAEConfig
 from shapeflow.models.vecset_vae import VecSetVAE, VecSetVAEConfig
@@ -39,9 +41,10 @@ MODELS: dict[str, tuple[type, type]] = {
     "sparse_vae": (SparseSDFVAEConfig, SparseSDFVAE),
     "token_dit": (TokenDiTConfig, TokenDiT),
     "grid_dit": (GridDiTConfig, GridDiT),
+    "sparse_dit": (SparseDiTConfig, SparseDiT),
 }
 VAE_KINDS = ("vecset_vae", "grid_vae", "sparse_vae")
-DIT_KINDS = ("token_dit", "grid_dit")
+DIT_KINDS = ("token_dit", "grid_dit", "sparse_dit")
 
 
 def model_kind(path: str | os.PathLike) -> str:

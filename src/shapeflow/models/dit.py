@@ -205,11 +205,14 @@ class DiTBlock(nn.Module):
         self.mlp = MLP(width, int(round(width * mlp_ratio)), approximate=gelu_approximate)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (b, n, C); c: (b, C) timestep (+ class) embedding; context: (b, l, cond_dim) or None."""
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None,
+                lengths: list[int] | None = None) -> torch.Tensor:
+        """x: (b, n, C); c: (b, C) timestep (+ class) embedding; context: (b, l, cond_dim) or None;
+        lengths: real tokens per row of padded variable-length rows (real first; self-attention stays within
+        them, :meth:`Attention.forward <shapeflow.nn.attention.Attention.forward>`), or None."""
         mod = self.adaLN_modulation(c)[:, None, :]  # (b, 1, 6C)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)
-        x = x + gate_msa * self.self_attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_msa * self.self_attn(modulate(self.norm1(x), shift_msa, scale_msa), lengths=lengths)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.norm2(x), context)
         return x + gate_mlp * self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp))
@@ -232,7 +235,7 @@ class LongSkip(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-class _DiT(Pretrained, nn.Module):
+class DiTBase(Pretrained, nn.Module):
     """The transformer shared by both front ends: time/condition embedding, blocks, final norm."""
 
     config: DiTConfig
@@ -309,8 +312,8 @@ class _DiT(Pretrained, nn.Module):
                              f"({batch}, l, {self.config.cond_dim}), got {got}")
         return c, cond
 
-    def _trunk(self, h: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
-        """Tokens (b, n, C) -> final normalised tokens (b, n, C)."""
+    def _trunk(self, h: torch.Tensor, t: torch.Tensor, cond, lengths: list[int] | None = None) -> torch.Tensor:
+        """Tokens (b, n, C) -> final normalised tokens (b, n, C); ``lengths``: real tokens of padded rows."""
         c = self.t_embedder(t)  # (b, C)
         c, context = self._condition(c, cond, h.shape[0])
         use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
@@ -319,7 +322,8 @@ class _DiT(Pretrained, nn.Module):
         for i, block in enumerate(self.blocks):
             if self.num_skips and i >= depth - self.num_skips:
                 h = self.skips[i - (depth - self.num_skips)](h, stack.pop())
-            h = checkpoint(block, h, c, context, use_reentrant=False) if use_ckpt else block(h, c, context)
+            h = (checkpoint(block, h, c, context, lengths, use_reentrant=False) if use_ckpt
+                 else block(h, c, context, lengths))
             if i < self.num_skips:
                 stack.append(h)
         if self.final_adaLN_modulation is None:
@@ -401,7 +405,7 @@ class _DiT(Pretrained, nn.Module):
         return None
 
 
-class TokenDiT(_DiT):
+class TokenDiT(DiTBase):
     """DiT over a set of latent tokens ``(b, m, c)`` (VecSet latents): ``forward(x, t, cond) -> v``.
 
     Submodules: ``input_layer`` Linear(c, C), ``t_embedder``, optional ``class_embedder``, ``blocks``,
@@ -445,7 +449,7 @@ class TokenDiT(_DiT):
 
 
 
-class GridDiT(_DiT):
+class GridDiT(DiTBase):
     """DiT over a latent grid ``(b, c, r, r, r)`` (TRELLIS ``SparseStructureFlowModel``).
 
     (Latent channels are axis 1, so the normalisation buffers broadcast over ``(1, c, 1, 1, 1)``.)

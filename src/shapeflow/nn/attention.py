@@ -133,11 +133,26 @@ class Attention(nn.Module):
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (b, h, n, d)
         return self.q_norm(q), self.k_norm(k), v
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (b, n, dim); context: (b, m, context_dim) for cross-attention. Returns (b, n, dim)."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *,
+                lengths: list[int] | None = None) -> torch.Tensor:
+        """x: (b, n, dim); context: (b, m, context_dim) for cross-attention. Returns (b, n, dim).
+
+        ``lengths`` (self-attention of padded variable-length rows): row ``i`` holds ``lengths[i]`` real
+        tokens first, then padding. Each row's real tokens attend to each other only (one SDPA call per row,
+        the fused kernels without a mask); padded positions get 0.
+        """
         q, k, v = self.project(x, context)
-        out = sdpa(q, k, v)  # (b, h, n, d)
-        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)  # (b, n, h*d)
+        b, n = x.shape[:2]
+        if lengths is None or all(length == n for length in lengths):
+            out = sdpa(q, k, v)  # (b, h, n, d)
+        else:
+            if self.is_cross or len(lengths) != b:
+                raise ValueError(f"lengths: one per row of a self-attention batch ({b}), got {len(lengths)}")
+            out = torch.zeros_like(q)
+            for i, length in enumerate(lengths):
+                out[i:i + 1, :, :length] = sdpa(q[i:i + 1, :, :length], k[i:i + 1, :, :length],
+                                                v[i:i + 1, :, :length])
+        out = out.transpose(1, 2).reshape(b, n, -1)  # (b, n, h*d)
         return self.to_out(out)
 
 

@@ -12,7 +12,8 @@ Design choices
 * :class:`TimestepEmbedder` (DiT / TRELLIS): flow time ``t`` in [0, 1] (:mod:`shapeflow.flow`) -> a 256-dim
   sinusoid of ``1000 t`` in ``cat([cos, sin])`` order -> MLP. Public models with another time scale or
   order are converted in their loaders, never here.
-* :func:`sincos_3d_position_embedding`: TRELLIS's absolute 3D sin-cos table for a token grid.
+* :func:`sincos_3d_embedding`: TRELLIS's absolute 3D sin-cos embedding of positions (a token grid's table:
+  :func:`sincos_3d_position_embedding`; the sparse DiT's voxels).
 """
 
 from __future__ import annotations
@@ -89,22 +90,30 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
-def sincos_3d_position_embedding(resolution: int, width: int) -> torch.Tensor:
-    """TRELLIS ``AbsolutePositionEmbedder(width, 3)`` on a ``resolution^3`` token grid: ``(r^3, width)``.
+def sincos_3d_embedding(coords: torch.Tensor, width: int) -> torch.Tensor:
+    """TRELLIS ``AbsolutePositionEmbedder(width, 3)`` of 3D positions: ``(..., 3) -> (..., width)`` float32.
 
-    Integer grid coordinates (``meshgrid(indexing="ij")`` flattened in C order, the token order of
-    :func:`shapeflow.nn.spatial.patchify_3d`); per axis ``[sin(x f), cos(x f)]`` with
-    ``f_k = 1 / 10000^(k / F)``, ``F = width // 3 // 2``; axes concatenated x|y|z, zero-padded to ``width``.
+    Per axis ``[sin(x f), cos(x f)]`` with ``f_k = 1 / 10000^(k / F)``, ``F = width // 3 // 2``; axes
+    concatenated x|y|z, zero-padded to ``width``. A function of each position alone, so a set of tokens
+    embedded by it is order-free (the sparse DiT's voxels).
     """
     freq_dim = width // 3 // 2
     if freq_dim < 1:
         raise ValueError(f"width {width} is too small for a 3D sin-cos embedding (needs >= 6)")
+    if coords.shape[-1] != 3:
+        raise ValueError(f"expected (..., 3) positions, got {tuple(coords.shape)}")
+    freqs = 1.0 / (10000.0 ** (torch.arange(freq_dim, dtype=torch.float32, device=coords.device) / freq_dim))
+    out = coords.float()[..., None] * freqs  # (..., 3, F)
+    emb = torch.cat([torch.sin(out), torch.cos(out)], dim=-1).flatten(-2)  # (..., 6F)
+    return F.pad(emb, (0, width - emb.shape[-1]))  # (..., width)
+
+
+def sincos_3d_position_embedding(resolution: int, width: int) -> torch.Tensor:
+    """:func:`sincos_3d_embedding` of a ``resolution^3`` token grid: ``(r^3, width)``, integer coordinates
+    (``meshgrid(indexing="ij")`` flattened in C order, the token order of :func:`shapeflow.nn.spatial.patchify_3d`)."""
     r = torch.arange(resolution, dtype=torch.float32)
     coords = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), dim=-1).reshape(-1, 3)  # (n, 3)
-    freqs = 1.0 / (10000.0 ** (torch.arange(freq_dim, dtype=torch.float32) / freq_dim))  # (F,)
-    out = coords[..., None] * freqs  # (n, 3, F)
-    emb = torch.cat([torch.sin(out), torch.cos(out)], dim=-1).reshape(coords.shape[0], -1)  # (n, 6F)
-    return F.pad(emb, (0, width - emb.shape[1]))  # (n, width)
+    return sincos_3d_embedding(coords, width)
 
 
 @torch.no_grad()

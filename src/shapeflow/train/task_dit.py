@@ -1,7 +1,10 @@
 """Training tasks of the generators: rectified-flow DiTs on encoded VAE latents.
 
 * ``token_dit``: :class:`~shapeflow.models.dit.TokenDiT` on VecSet latents ``(m, c)``;
-* ``grid_dit``: :class:`~shapeflow.models.dit.GridDiT` on voxel-grid latents ``(c, r, r, r)``.
+* ``grid_dit``: :class:`~shapeflow.models.dit.GridDiT` on voxel-grid latents ``(c, r, r, r)`` (also stage 1 of
+  sparse generation: the ``structure/`` folder of a sparse latent folder, ``(1, r, r, r)`` occupancy);
+* ``sparse_dit``: :class:`~shapeflow.models.sparse_dit.SparseDiT` on sparse latents (stage 2: features on
+  the active voxels; a variable count per object, packed into padded tokens with masks in the loss).
 
 Data: a latent folder written by ``shapeflow encode-latents`` (:class:`~shapeflow.data.latents.LatentDataset`).
 Objective: :class:`~shapeflow.flow.FlowConfig` (time sampling, shift, condition dropout), the loss is
@@ -34,6 +37,7 @@ from shapeflow.data.latents import LatentDataset
 from shapeflow.flow import FlowConfig, LatentNormalizer, flow_matching_loss
 from shapeflow.models.conditioning import ImageConditioner
 from shapeflow.models.dit import GridDiT, TokenDiT
+from shapeflow.models.sparse_dit import SparseDiT, velocity_fn
 from shapeflow.train.ema import unwrap
 from shapeflow.train.task import Task
 
@@ -95,6 +99,11 @@ def _build_model(cls):
                              f"only a token DiT (unordered token sets) may use it, not a {cls.__name__}")
         model = cls(cfg.model)
         train, _ = _datasets(cfg)
+        if cls is SparseDiT:
+            return _fit_sparse(model, train, cfg)
+        if train.sparse:
+            raise ValueError(f"{cfg.data.root}: sparse latents train a sparse_dit (their structure/ folder a "
+                             f"grid_dit), not a {cls.kind}")
         z = train.stack()  # (n, ...)
         _check_shape(model, z[0], cfg.data.root)
         mode = cfg.data.normalization
@@ -103,6 +112,46 @@ def _build_model(cls):
             model.set_latent_normalizer(LatentNormalizer.fit(z, mode=mode, channel_dim=channel_dim))
         return model
     return build
+
+
+def _fit_sparse(model: SparseDiT, train: LatentDataset, cfg: "ExperimentConfig") -> SparseDiT:
+    """Check a sparse latent folder against the model (channels, grid) and fit the per-channel normaliser
+    on all training voxels."""
+    root, mc = cfg.data.root, model.config
+    if not train.sparse:
+        raise ValueError(f"{root}: not a sparse latent folder (encode-latents with a sparse_vae); a sparse_dit "
+                         "trains on sparse latents")
+    items = [train[i] for i in range(len(train))]
+    feats = torch.cat([it["latent"] for it in items])
+    top = max(int(it["coords"].max()) for it in items)
+    if feats.shape[1] != mc.in_channels or top >= mc.resolution:
+        raise ValueError(f"{root}: latents of {feats.shape[1]} channels with voxels up to {top}; the model expects "
+                         f"{mc.in_channels} channels (model.in_channels) on a {mc.resolution}^3 grid "
+                         "(model.resolution)")
+    if cfg.data.normalization != "none":
+        model.set_latent_normalizer(LatentNormalizer.fit(feats, mode=cfg.data.normalization, channel_dim=-1))
+    return model
+
+
+def collate_sparse_latents(items: list[dict]) -> dict:
+    """Sparse latent items -> ``{"coords": [(m_i, 3)], "latent": [(m_i, c)], "id": [...], "label"?, "image"?}``
+    (packed into tokens by the loss, which knows the model's patch size and normaliser)."""
+    out = {"coords": [it["coords"] for it in items], "latent": [it["latent"] for it in items],
+           "id": [it["id"] for it in items]}
+    for key in ("label", "image"):
+        if key in items[0]:
+            out[key] = torch.stack([torch.as_tensor(it[key]) for it in items])
+    return out
+
+
+def _flow_inputs(model: nn.Module, batch: dict):
+    """``(velocity function, normalised data, mask)`` of a batch: token latents as they are, sparse latents
+    packed into padded tokens (:meth:`SparseDiT.pack`)."""
+    m = unwrap(model)
+    if isinstance(m, SparseDiT):
+        tokens = m.pack(batch["coords"], [m.normalize_latents(f.float()) for f in batch["latent"]])
+        return velocity_fn(model, tokens), tokens.x, tokens.voxel_mask()
+    return model, m.normalize_latents(batch["latent"].float()), None
 
 
 def build_frozen(cfg: "ExperimentConfig", device: torch.device) -> ImageConditioner | None:
@@ -133,8 +182,9 @@ def _null(cfg: "ExperimentConfig"):
 
 
 def loss(model: nn.Module, batch: dict, cfg: "ExperimentConfig", step: int, frozen=None):
-    x1 = unwrap(model).normalize_latents(batch["latent"].float())
-    value, _ = flow_matching_loss(model, x1, _cond(batch, cfg, frozen), config=cfg.objective, null_cond=_null(cfg))
+    fn, x1, mask = _flow_inputs(model, batch)
+    value, _ = flow_matching_loss(fn, x1, _cond(batch, cfg, frozen), config=cfg.objective, null_cond=_null(cfg),
+                                  mask=mask)
     return value, {"mse": value.detach()}  # the per-time-band terms vary per batch; validation reports them
 
 
@@ -146,9 +196,9 @@ def validate(model: nn.Module, loader: Iterable, cfg: "ExperimentConfig", frozen
     gen = torch.Generator().manual_seed(0)
     no_dropout = dataclasses.replace(cfg.objective, cond_dropout=0.0)
     for batch in loader:
-        x1 = model.normalize_latents(batch["latent"].float())
-        _, terms = flow_matching_loss(model, x1, _cond(batch, cfg, frozen), config=no_dropout,
-                                      null_cond=_null(cfg), generator=gen)
+        fn, x1, mask = _flow_inputs(model, batch)
+        _, terms = flow_matching_loss(fn, x1, _cond(batch, cfg, frozen), config=no_dropout,
+                                      null_cond=_null(cfg), generator=gen, mask=mask)
         s, c = terms.by_time(bins)
         sums, counts = (s, c) if sums is None else (sums + s, counts + c)
     if sums is None:
@@ -162,6 +212,7 @@ def validate(model: nn.Module, loader: Iterable, cfg: "ExperimentConfig", frozen
 TASKS = tuple(
     Task(name=cls.kind, kind=cls.kind, model_config=cls.config_class, data_config=LatentDataConfig,
          build_model=_build_model(cls), build_datasets=_datasets, loss=loss, validate=validate,
-         objective_config=FlowConfig, build_frozen=build_frozen)
-    for cls in (TokenDiT, GridDiT)
+         objective_config=FlowConfig, build_frozen=build_frozen,
+         collate=collate_sparse_latents if cls is SparseDiT else None)
+    for cls in (TokenDiT, GridDiT, SparseDiT)
 )

@@ -17,7 +17,7 @@
   per class and compared pairwise: what a *perfect* generator scores at that set size. Mean, spread and
   the share of set pairs above the 65 % target, per class and (with ``--pooled``) over all classes.
 * ``speed``: one shape sampled with 25 Euler steps (``--steps``, ``--method``) and decoded at 128^3 (wall
-  seconds, median of runs).
+  seconds, median of runs; a sparse pipeline: both stages, decoded at its band resolution, per stage too).
 
 Example::
 
@@ -48,25 +48,39 @@ import torch
 
 
 def _load(spec: str, *, dit_tokens: bool = False):
-    """``NAME=DIT,VAE`` -> (name, generator pair, class names of a class-conditional DiT).
+    """``NAME=DIT,VAE[,STRUCTURE[,STRUCTURE_VAE]]`` -> (name, generator pair, class names of a class-conditional
+    DiT); a sparse DiT takes its stage-1 model third: a structure grid DiT, or a token DiT and its VecSet VAE
+    (``sparse`` alone: the shipped tiny sparse pipeline).
 
     ``dit_tokens``: a VecSet VAE paired with a token DiT encodes the DiT's token count (``num_tokens``)
     instead of its own (a load override of the VAE config).
     """
     from shapeflow.models import load_dit, load_vae
 
+    from shapeflow.generate import PIPELINES, load_structure
+
     name, _, paths = spec.partition("=")
-    dit_path, vae_path = paths.split(",")
+    if paths:
+        dit_path, vae_path, *rest = paths.split(",")
+    else:
+        p = PIPELINES[name]
+        dit_path, vae_path, rest = p["dit"], p["vae"], list(p.get("structure", ()))
     dit, dit_kind = load_dit(dit_path)
+    structure = load_structure(rest) if rest else None
     overrides = dict(num_tokens=dit.config.num_tokens) if dit_tokens and dit_kind == "token_dit" else {}
     vae, vae_kind = load_vae(vae_path, **overrides)
-    return name, dict(dit=dit, vae=vae, dit_kind=dit_kind, vae_kind=vae_kind), list(dit.config.classes)
+    pair = dict(dit=dit, vae=vae, dit_kind=dit_kind, vae_kind=vae_kind)
+    if structure is not None:
+        pair["structure"] = structure
+    return name, pair, list(dit.config.classes)
 
 
 def _res(pair: dict, resolution: int) -> str:
     """The decoding grid of a generator pair: VecSet VAEs use ``resolution``, grid VAEs their own grid."""
     if pair["vae_kind"] == "vecset_vae":
         return f"{resolution}^3"
+    if pair["vae_kind"] == "sparse_vae":
+        return f"{pair['dit'].config.resolution * pair['vae'].config.factor}^3 (the sparse band of the latent grid)"
     return f"{pair['vae'].config.resolution}^3 (the grid VAE's own grid)"
 
 
@@ -261,21 +275,26 @@ def speed(args) -> str:
     for spec in args.gen:
         name, pair, classes = _load(spec)
         cond = torch.zeros(1, dtype=torch.long) if pair["dit"].config.cond == "class" else None
-        times = []
+        times, parts = [], []
         for k in range(args.repeats + 1):
             t0 = time.perf_counter()
-            generate(**pair, num=1, cond=cond, steps=args.steps, method=args.method, seed=k, resolution=128)
+            res = generate(**pair, num=1, cond=cond, steps=args.steps, method=args.method, seed=k, resolution=128)
             if k:  # the first call warms up
                 times.append(time.perf_counter() - t0)
-        lines.append(f"{name}: one shape, {args.steps} {args.method} steps, decoded at {_res(pair, 128)}: median {statistics.median(times):.2f} s "
-                     f"(runs: {', '.join(f'{t:.2f}' for t in times)}; torch threads {torch.get_num_threads()})")
+                parts.append(res.seconds)
+        stages = ", ".join(f"{key} {statistics.median(p[key] for p in parts):.2f}" for key in parts[0])
+        lines.append(f"{name}: one shape, {args.steps} {args.method} steps, decoded at {_res(pair, 128)}: median "
+                     f"{statistics.median(times):.2f} s ({stages}; runs: {', '.join(f'{t:.2f}' for t in times)}; "
+                     f"torch threads {torch.get_num_threads()})")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("part", choices=["quality", "sampler", "speed", "ceiling", "floor"])
-    ap.add_argument("--gen", action="append", default=[], metavar="NAME=DIT,VAE")
+    ap.add_argument("--gen", action="append", default=[], metavar="NAME=DIT,VAE[,STRUCTURE[,STRUCTURE_VAE]]",
+                    help="a generator: DiT and VAE checkpoints (a sparse DiT: + its structure DiT); a shipped "
+                         "pipeline by name alone (vecset, sparse)")
     ap.add_argument("--per-class", type=int, default=16)
     ap.add_argument("--ref-seed", type=int, default=1, help="seed of the fresh reference shapes (training used 0)")
     ap.add_argument("--steps", type=int, default=25)

@@ -692,7 +692,8 @@ data: {root: ROOT/latents_s128, val_fraction: 0.3}
 """ + ENGINE.format(steps=4, batch=2, lr=1.0e-3, log=2)
 
 
-def test_sparse_generation_trains_both_stages_and_generates(root, sparse_run, tmp_path, capsys):
+def test_sparse_generation_trains_both_stages_and_generates(root, sparse_run, token_dit_run, vecset_run, tmp_path,
+                                                           capsys):
     """encode-latents writes the structure grids next to the sparse latents; `shapeflow train` fits the
     stage-1 grid DiT and the stage-2 sparse DiT on them; `shapeflow generate` runs both stages and the
     sparse decoder, chosen by the checkpoint kinds; mismatched pipelines are one-line errors."""
@@ -731,11 +732,21 @@ def test_sparse_generation_trains_both_stages_and_generates(root, sparse_run, tm
     made = [f for f in report["files"] if f]
     assert rc == (0 if len(made) == 2 else 1) and len(made) + len(report["empty"]) == 2
     assert all((gen / f).is_file() for f in made) and (gen / "preview.png").is_file()
+    # stage 1 by a VecSet generator (token DiT + its VAE): its decoded shapes' band cells
+    vs = tmp_path / "vs"
+    rc = sf("generate", "--dit", sparse / "final", "--structure", f"{token_dit_run / 'final'},{vecset_run / 'final'}",
+            "--vae", sparse_run / "final", "--class", "mug", "--num", 1, "--steps", 2, "--format", "obj", "--out", vs)
+    report = json.loads((vs / "generate.json").read_text())
+    assert report["structure"].startswith(str(token_dit_run / "final"))
+    assert rc == (0 if report["files"][0] else 1) and len(report["empty"]) == (0 if report["files"][0] else 1)
     # wrong combinations: one-line errors
     capsys.readouterr()
     assert sf("generate", "--dit", sparse / "final", "--vae", sparse_run / "final", "--class", "mug",
               "--out", tmp_path / "x") == 2
     assert_one_line_error(capsys, "generate", "--structure")
+    assert sf("generate", "--dit", sparse / "final", "--structure", token_dit_run / "final", "--vae",
+              sparse_run / "final", "--class", "mug", "--out", tmp_path / "x") == 2
+    assert_one_line_error(capsys, "generate", "token_dit and its vecset_vae")
     assert sf("generate", "--dit", sparse / "final", "--structure", sparse / "final", "--vae", sparse_run / "final",
               "--class", "mug", "--out", tmp_path / "x") == 2
     assert_one_line_error(capsys, "generate", "structure")
@@ -934,47 +945,55 @@ def test_demo_quick_end_to_end_and_resume(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_quick_sparse_pipeline_end_to_end_and_resume(tmp_path, capsys):
-    """`shapeflow demo --pipeline sparse`: the shipped sparse VAE encodes the demo's bands, both generator stages
-    train (fitted to the sparse budget), generation runs both stages, the report names them; resumes."""
+    """`shapeflow demo --pipeline sparse`: the shipped sparse VAE encodes the demo's bands, the sparse DiT trains
+    (fitted to the sparse budget), stage 1 is the shipped VecSet pair (or a structure grid DiT trained here),
+    generation runs both stages, the report names them; resumes."""
     from shapeflow.demo import QUICK
 
-    out = tmp_path / "demo"
-    args = ["demo", out, "--quick", "--pipeline", "sparse", "--per-class", 2, "--no-progress", "--workers", 1,
-            "--real-meshes", tmp_path / "none"]
     (tmp_path / "none").mkdir()
-    assert sf(*args) == 0
+    common = ["--quick", "--pipeline", "sparse", "--per-class", 2, "--no-progress", "--workers", 1,
+              "--real-meshes", tmp_path / "none"]
+    out = tmp_path / "demo"
+    assert sf("demo", out, *common) == 0
     assert "demo done" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
-    stages = ["synth", "preprocess", "preprocess_real", "preview_data", "latents", "structure", "dit", "generate",
-              "evaluate"]
+    stages = ["synth", "preprocess", "preprocess_real", "preview_data", "latents", "dit", "generate", "evaluate"]
     assert list(report["seconds"]) == stages + ["total"]
     training = report["training"]
     assert training["vae"]["steps"] == 0 and "shipped" in training["vae"]
-    for name, recipe in (("structure", QUICK.max_structure_steps), ("dit", QUICK.max_sparse_dit_steps)):
-        assert training[name]["fitted"] and training[name]["steps"] == recipe
-    assert training["repeat"] == f"--pipeline sparse --structure-steps {QUICK.max_structure_steps} " \
-                                 f"--dit-steps {QUICK.max_sparse_dit_steps}"
+    assert training["structure"]["steps"] == 0 and "token_dit" in training["structure"]["shipped"]
+    assert training["dit"]["fitted"] and training["dit"]["steps"] == QUICK.max_sparse_dit_steps
+    assert training["repeat"] == f"--pipeline sparse --dit-steps {QUICK.max_sparse_dit_steps}"
     assert json.loads((out / "runs" / "dit" / "final" / "config.json").read_text())["kind"] == "sparse_dit"
     assert (out / "latents" / "structure" / "latents.json").is_file()
     g = report["generate"]
     assert len(g["files"]) == 2 * len(QUICK.classes) and g["nfe"] == 2 * 2 * QUICK.gen_steps  # two Heun stages
     assert g["resolution"] == QUICK.sparse_res and "structure" in g["seconds"]
     md = (out / "report.md").read_text()
-    assert "structure DiT (stage 1)" in md and "Sparse SDF VAE reconstruction" in md
+    assert "stage 1 (structure)" in md and "Sparse SDF VAE reconstruction" in md and training["repeat"] in md
     for c in list(QUICK.classes) + ["all"]:
         assert f"| {c} |" in md
+    # resume: nothing retrained
+    ckpts = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.safetensors")}
+    assert sf("demo", out, *common) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.safetensors")} == ckpts
+    assert {"dit", "latents"} <= set(again["resumed_stages"])
+    # stage 1 trained here: a structure grid DiT on the latent folder's structure grids
+    grid = tmp_path / "grid"
+    assert sf("demo", grid, *common, "--sparse-structure", "grid") == 0
+    report = json.loads((grid / "report.json").read_text())
+    assert "structure" in report["seconds"] and report["training"]["structure"]["steps"] == QUICK.max_structure_steps
+    assert json.loads((grid / "runs" / "structure" / "final" / "config.json").read_text())["kind"] == "grid_dit"
+    assert "--sparse-structure grid --structure-steps" in report["training"]["repeat"]
     # one-line errors for options of the other pipeline
     capsys.readouterr()
     assert sf("demo", tmp_path / "x", "--quick", "--pipeline", "sparse", "--vae-steps", 3) == 2
     assert_one_line_error(capsys, "demo", "shipped sparse VAE")
-    assert sf("demo", tmp_path / "x", "--quick", "--structure-steps", 3) == 2
+    assert sf("demo", tmp_path / "x", "--quick", "--pipeline", "sparse", "--structure-steps", 3) == 2
+    assert_one_line_error(capsys, "demo", "--sparse-structure grid")
+    assert sf("demo", tmp_path / "x", "--quick", "--sparse-structure", "grid") == 2
     assert_one_line_error(capsys, "demo", "--pipeline sparse")
-    # resume: nothing retrained
-    ckpts = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.safetensors")}
-    assert sf(*args) == 0
-    again = json.loads((out / "report.json").read_text())
-    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.safetensors")} == ckpts
-    assert {"structure", "dit", "latents"} <= set(again["resumed_stages"])
 
 
 @dataclasses.dataclass(frozen=True)

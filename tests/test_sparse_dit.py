@@ -166,7 +166,7 @@ def test_sparse_generation_is_per_sample_deterministic_and_records_empty_structu
     assert out.meshes == [None, None] and out.latents == [None, None]
     assert set(out.empty) == {0, 1} and "no active voxels" in out.empty[0]
     # pipelines that do not fit together
-    with pytest.raises(ValueError, match="structure DiT"):
+    with pytest.raises(ValueError, match="stage-1 structure model"):
         check_sparse_pipeline(dit, None, vae, dit_kind="sparse_dit", vae_kind="sparse_vae")
     with pytest.raises(ValueError, match="8-channel|decodes"):
         check_sparse_pipeline(_model(in_channels=8, cond="class", classes=("a", "b")), structure, vae,

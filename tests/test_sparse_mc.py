@@ -226,6 +226,9 @@ def test_close_band_closes_a_surface_that_runs_out_of_the_present_nodes():
     vo, fo = sparse_marching_cubes(c, v, res)
     assert not trimesh.Trimesh(vo, fo, process=False).is_watertight
     c2, v2 = close_band(c, v, res, fill=float(np.abs(values).max()))
+    # the dense-array lookup (grids up to 2^26 nodes) and the sorted-key lookup give the same nodes
+    c2s, v2s = close_band(c, v, res, fill=float(np.abs(values).max()), dense_limit=0)
+    assert np.array_equal(c2, c2s) and np.array_equal(v2, v2s)
     assert len(c2) > len(c) and set(map(tuple, c2[: len(c)].tolist())) == set(map(tuple, c.tolist()))
     added = c2[len(c):]
     assert set(map(tuple, added.tolist())).isdisjoint(map(tuple, c.tolist()))

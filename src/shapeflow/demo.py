@@ -16,8 +16,9 @@ Stages (each skipped when its output is already complete, so an interrupted demo
 **The sparse pipeline** (``shapeflow demo OUT --pipeline sparse``, :func:`_sparse_models`): preprocessing adds
 the sparse SDF band (``sparse_res``, the synthetic meshes kept as they are, as the VAE was trained), the VAE is
 the shipped tiny sparse SDF VAE (training one takes about 30 minutes on a 2-core CPU: BENCHMARKS.md), stages 4-5
-become: encode the band into sparse latents and structure grids, train the stage-1 structure grid DiT and the
-stage-2 sparse DiT (``assets/configs/demo_structure_dit.yaml``, ``demo_sparse_dit.yaml``); generation runs
+become: encode the band into sparse latents and structure grids, and train the stage-2 sparse DiT
+(``assets/configs/demo_sparse_dit.yaml``); stage 1 is the shipped VecSet pair (``sparse_structure="vecset"``,
+measured better) or a structure grid DiT trained here (``"grid"``, ``demo_structure_dit.yaml``). Generation runs
 both stages and the sparse decoder at 256^3. It has its own budget (``sparse_budget_s``).
 
 **Fitted to the machine.** The demo has a time budget (``DemoConfig.budget_s`` for the ``shapeflow demo``
@@ -48,7 +49,7 @@ from shapeflow.data.datasets import ObjectFolder
 from shapeflow.data.latents import STRUCTURE_DIR, encode_dataset
 from shapeflow.data.preprocess import PreprocessConfig, preprocess_dataset, read_manifest
 from shapeflow.evaluate import eval_vae, format_table, generation_eval, reference_shapes
-from shapeflow.generate import PIPELINES, generate, preview_grid
+from shapeflow.generate import PIPELINES, generate, load_structure, preview_grid
 from shapeflow.geometry.io import load_mesh, save_mesh
 from shapeflow.geometry.synth import CATEGORIES, generate_dataset
 from shapeflow.models import load_dit, load_vae
@@ -105,10 +106,14 @@ class DemoConfig:
     structure_steps: int | None = None  # fixed structure DiT steps (None: fitted)
     sparse_batch: int = 12  # sparse DiT batch (structure DiT: dit_batch / 2)
     sparse_tail_s: float = 300.0  # sparse pipeline: what generate + evaluate cost (reserved in the plan)
+    sparse_structure: str = "vecset"  # sparse pipeline, stage 1: "vecset" (the shipped token DiT + VecSet VAE) or
+    #   "grid" (a structure grid DiT trained here); BENCHMARKS.md compares them
 
     def __post_init__(self):
         if self.pipeline not in ("vecset", "sparse"):
             raise ValueError(f"demo pipeline must be 'vecset' or 'sparse', got {self.pipeline!r}")
+        if self.sparse_structure not in ("vecset", "grid"):
+            raise ValueError(f"sparse_structure must be 'vecset' or 'grid', got {self.sparse_structure!r}")
 
     @property
     def budget(self) -> float:
@@ -167,12 +172,12 @@ def run_demo(out: str | Path, cfg: DemoConfig = DemoConfig(), *, real_meshes: st
     with stage("preview_data"):
         report["data_preview"] = _data_preview(out)
     if cfg.pipeline == "sparse":
-        vae_dir, dit_dir, structure_dir = _sparse_models(out, cfg, classes, report, plan, stage, progress)
+        vae_dir, dit_dir, structure = _sparse_models(out, cfg, classes, report, plan, stage, progress)
     else:
         vae_dir, dit_dir = _vecset_models(out, cfg, classes, report, plan, stage, progress)
-        structure_dir = None
+        structure = None
     with stage("generate"):
-        report["generate"] = _generate(out, dit_dir, vae_dir, classes, cfg, structure_dir)
+        report["generate"] = _generate(out, dit_dir, vae_dir, classes, cfg, structure)
     with stage("evaluate"):
         report["vae_metrics"] = _eval_vae(out, vae_dir, cfg, progress)
         report["generation_metrics"] = _eval_generation(out, classes, cfg, progress)
@@ -224,9 +229,10 @@ def _vecset_models(out: Path, cfg: DemoConfig, classes: list[str], report: dict,
 
 
 def _sparse_models(out: Path, cfg: DemoConfig, classes: list[str], report: dict, plan: "_Plan", stage,
-                   progress: bool) -> tuple[Path, Path, Path]:
-    """Stages 3-5 of the sparse pipeline: the shipped sparse VAE, its latents + structure grids, the structure
-    DiT and the sparse DiT; returns ``(vae, sparse DiT, structure DiT)`` checkpoints."""
+                   progress: bool) -> tuple[Path, Path, tuple]:
+    """Stages 3-5 of the sparse pipeline: the shipped sparse VAE, its latents + structure grids, the stage-1
+    model (``cfg.sparse_structure``: the shipped VecSet pair, or a structure grid DiT trained here) and the
+    sparse DiT; returns ``(vae, sparse DiT, stage-1 checkpoint paths)``."""
     vae_dir = PIPELINES["sparse"]["vae"]
     plan.entries["vae"] = {"steps": 0, "fitted": False, "shipped": str(vae_dir)}
     with stage("latents"):
@@ -235,15 +241,19 @@ def _sparse_models(out: Path, cfg: DemoConfig, classes: list[str], report: dict,
     vae, _ = load_vae(vae_dir)
     r = cfg.sparse_res // vae.config.factor
     common = [f"model.classes={json.dumps(classes)}", f"model.resolution={r}", f"train.precision={cfg.precision}"]
-    with stage("structure"):
-        exp = _experiment("demo_structure_dit.yaml", out / "runs" / "structure",
-                          [f"data.root={out / 'latents' / STRUCTURE_DIR}", f"train.batch_size={cfg.dit_batch // 2}",
-                           *common])
-        # time left after the last stages, shared in proportion to the recipes' step counts (timed here)
-        share = cfg.max_structure_steps / (cfg.max_structure_steps + cfg.max_sparse_dit_steps)
-        steps = plan.steps("structure", exp, cfg.structure_steps, cfg.max_structure_steps,
-                           lambda left, step_s: share * (left - cfg.sparse_tail_s))
-        structure_dir = _train(exp, steps)
+    if cfg.sparse_structure == "vecset":
+        structure = PIPELINES["sparse"]["structure"]  # the shipped token DiT + VecSet VAE
+        plan.entries["structure"] = {"steps": 0, "fitted": False, "shipped": ",".join(map(str, structure))}
+    else:
+        with stage("structure"):
+            exp = _experiment("demo_structure_dit.yaml", out / "runs" / "structure",
+                              [f"data.root={out / 'latents' / STRUCTURE_DIR}",
+                               f"train.batch_size={cfg.dit_batch // 2}", *common])
+            # time left after the last stages, shared in proportion to the recipes' step counts (timed here)
+            share = cfg.max_structure_steps / (cfg.max_structure_steps + cfg.max_sparse_dit_steps)
+            steps = plan.steps("structure", exp, cfg.structure_steps, cfg.max_structure_steps,
+                               lambda left, step_s: share * (left - cfg.sparse_tail_s))
+            structure = (_train(exp, steps),)
     with stage("dit"):
         exp = _experiment("demo_sparse_dit.yaml", out / "runs" / "dit",
                           [f"data.root={out / 'latents'}", f"model.in_channels={vae.config.latent_channels}",
@@ -251,7 +261,7 @@ def _sparse_models(out: Path, cfg: DemoConfig, classes: list[str], report: dict,
         steps = plan.steps("dit", exp, cfg.dit_steps, cfg.max_sparse_dit_steps,
                            lambda left, step_s: left - cfg.sparse_tail_s)
         dit_dir = _train(exp, steps)
-    return vae_dir, dit_dir, structure_dir
+    return vae_dir, dit_dir, structure
 
 
 class _Plan:
@@ -296,9 +306,12 @@ class _Plan:
 
     def summary(self) -> dict:
         e = self.entries
-        repeat = (f"--pipeline sparse --structure-steps {e['structure']['steps']} --dit-steps {e['dit']['steps']}"
-                  if self.cfg.pipeline == "sparse" else
-                  f"--vae-steps {e['vae']['steps']} --dit-steps {e['dit']['steps']}")
+        if self.cfg.pipeline == "sparse":
+            grid = self.cfg.sparse_structure == "grid"
+            repeat = ("--pipeline sparse" + (f" --sparse-structure grid --structure-steps {e['structure']['steps']}"
+                                              if grid else "") + f" --dit-steps {e['dit']['steps']}")
+        else:
+            repeat = f"--vae-steps {e['vae']['steps']} --dit-steps {e['dit']['steps']}"
         return {**e, "budget_s": self.cfg.budget, "repeat": repeat}
 
 
@@ -388,10 +401,10 @@ def _train(cfg: ExperimentConfig, steps: int) -> Path:
 
 
 def _generate(out: Path, dit_dir: Path, vae_dir: Path, classes: list[str], cfg: DemoConfig,
-              structure_dir: Path | None = None) -> dict:
+              structure_paths: tuple | None = None) -> dict:
     dit, dit_kind = load_dit(dit_dir)
     vae, vae_kind = load_vae(vae_dir)
-    structure = load_dit(structure_dir)[0] if structure_dir is not None else None
+    structure = load_structure(structure_paths) if structure_paths is not None else None
     labels = [c for c in classes for _ in range(cfg.gen_per_class)]
     cond = torch.tensor([classes.index(c) for c in labels])
     res = generate(dit, vae, dit_kind=dit_kind, vae_kind=vae_kind, num=len(labels), cond=cond, labels=labels,
@@ -441,7 +454,7 @@ def _markdown(r: dict) -> str:
               "(the recipe where it fits; the steps are timed on this machine first):", "",
               "| model | steps | recipe | s / step (measured) | how |", "|---|---|---|---|---|"]
     sparse = r["config"].get("pipeline") == "sparse"
-    models = ((("vae", "sparse SDF VAE"), ("structure", "structure DiT (stage 1)"), ("dit", "sparse DiT (stage 2)"))
+    models = ((("vae", "sparse SDF VAE"), ("structure", "stage 1 (structure)"), ("dit", "sparse DiT (stage 2)"))
               if sparse else (("vae", "VecSet VAE"), ("dit", "token DiT")))
     for name, label in models:
         e = t[name]

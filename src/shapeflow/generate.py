@@ -41,7 +41,9 @@ import scipy.ndimage
 import torch
 
 from shapeflow.decode import decode_to_mesh
-from shapeflow.geometry.marching_cubes import EmptySurfaceError
+from shapeflow.geometry.marching_cubes import EmptySurfaceError, filter_components
+from shapeflow.geometry.sparse_band import band_nodes
+from shapeflow.models import load_dit, load_vae
 from shapeflow.models.sparse_dit import active_voxels, unpack, velocity_fn
 from shapeflow.render import image_grid, render_mesh
 from shapeflow.sampling import initial_noise, sample
@@ -56,7 +58,8 @@ SHIPPED_VAES = {"vecset": DEFAULT_VAE, "sparse": ASSETS / "sparse_vae"}  # the t
 #: The shipped generator pipelines: checkpoint paths per role (``shapeflow generate --pipeline NAME``).
 PIPELINES = {
     "vecset": {"dit": DEFAULT_DIT, "vae": DEFAULT_VAE},
-    "sparse": {"dit": ASSETS / "sparse_dit", "structure": ASSETS / "structure_dit", "vae": ASSETS / "sparse_vae"},
+    # stage 1: the shipped VecSet pair (BENCHMARKS.md: better structures than the tiny structure grid DiT)
+    "sparse": {"dit": ASSETS / "sparse_dit", "structure": (DEFAULT_DIT, DEFAULT_VAE), "vae": ASSETS / "sparse_vae"},
 }
 
 
@@ -161,23 +164,117 @@ def _null(dit, cond, cfg_scale: float, num: int, device):
     return dit.null_condition(num, num_tokens=cond.shape[1] if cond.ndim == 3 else None, device=device)
 
 
+@dataclass
+class GridStructure:
+    """Stage 1 by a structure grid DiT (a ``grid_dit`` on the ``(1, r, r, r)`` occupancy of the latent grid,
+    trained on a sparse latent folder's ``structure/``): the cells above 0 of its sample."""
+
+    dit: torch.nn.Module
+    kind: str = "grid_dit"
+    nfe: int = 0  # evaluations of the last call
+
+    @property
+    def config(self):
+        return self.dit.config
+
+    @torch.no_grad()
+    def voxels(self, num: int, cond, *, cells: int, factor: int, seed: int, device, **opts) -> list[torch.Tensor]:
+        self.dit.to(device).eval()
+        noise = initial_noise((num, 1, cells, cells, cells), seed=[seed + i for i in range(num)], device=device)
+        grids, stats = sample(self.dit, noise, cond=cond, null_cond=_null(self.dit, cond, opts["cfg_scale"], num,
+                                                                            device), return_stats=True, **opts)
+        self.nfe = stats.nfe
+        return [active_voxels(g) for g in self.dit.denormalize_latents(grids).cpu()]
+
+
+@dataclass
+class VecSetStructure:
+    """Stage 1 by a VecSet generator (a ``token_dit`` + its ``vecset_vae``): each sampled shape is decoded to
+    a mesh (``resolution``^3 marching cubes, largest piece), and its active voxels are the latent cells of its
+    sparse band at the sparse VAE's resolution (``cells * factor``), the definition the sparse DiT was
+    trained on (:func:`~shapeflow.geometry.sparse_band.band_nodes` // factor)."""
+
+    dit: torch.nn.Module
+    vae: torch.nn.Module
+    resolution: int = 64
+    kind: str = "token_dit"
+    nfe: int = 0  # evaluations of the last call
+
+    @property
+    def config(self):
+        return self.dit.config
+
+    @torch.no_grad()
+    def voxels(self, num: int, cond, *, cells: int, factor: int, seed: int, device, **opts) -> list[torch.Tensor]:
+        res = generate(self.dit, self.vae, dit_kind="token_dit", vae_kind="vecset_vae", num=num, cond=cond,
+                       seed=seed, resolution=self.resolution, device=device, **opts)
+        self.nfe = res.nfe
+        out = []
+        for mesh in res.meshes:
+            if mesh is None:
+                out.append(torch.zeros(0, 3, dtype=torch.long))
+                continue
+            v, f = filter_components(*mesh, keep_largest=True)
+            nodes, _ = band_nodes(v, f, cells * factor)
+            c = torch.from_numpy(np.unique(nodes.astype(np.int64) // factor, axis=0))
+            out.append(c[(c < cells).all(1)])  # a band on the grid's last node plane has no cell
+        return out
+
+
+def structure_source(structure, vae=None):
+    """A stage-1 model as a structure source: a ``grid_dit`` (:class:`GridStructure`) or a ``(token_dit,
+    vecset_vae)`` pair (:class:`VecSetStructure`); sources pass through."""
+    if structure is None or isinstance(structure, (GridStructure, VecSetStructure)):
+        return structure
+    if isinstance(structure, (tuple, list)):
+        return VecSetStructure(*structure)
+    return GridStructure(structure)
+
+
+def load_structure(spec) -> GridStructure | VecSetStructure:
+    """A stage-1 model from checkpoint paths: ``"GRID_DIT"`` or ``"TOKEN_DIT,VECSET_VAE"`` (a string or a
+    sequence of paths)."""
+    parts = [str(p) for p in (spec.split(",") if isinstance(spec, str) else spec)]
+    dit, kind = load_dit(parts[0])
+    if kind == "grid_dit" and len(parts) == 1:
+        return GridStructure(dit)
+    if kind == "token_dit" and len(parts) == 2:
+        vae, vae_kind = load_vae(parts[1])
+        if vae_kind != "vecset_vae":
+            raise ValueError(f"{parts[1]}: a token DiT's structure needs its vecset_vae, not a {vae_kind}")
+        return VecSetStructure(dit, vae)
+    raise ValueError(f"{','.join(parts)}: a structure model is a grid_dit checkpoint, or a token_dit and its "
+                     f"vecset_vae as DIT,VAE (got a {kind} and {len(parts) - 1} more path(s))")
+
+
 def check_sparse_pipeline(dit, structure, vae, *, dit_kind: str, vae_kind: str) -> None:
-    """One-line errors for a sparse DiT / structure DiT / sparse VAE triple that does not fit together."""
+    """One-line errors for a sparse DiT / structure source / sparse VAE triple that does not fit together."""
     if dit_kind != "sparse_dit" or vae_kind != "sparse_vae":
         raise ValueError(f"a {dit_kind} cannot be decoded by a {vae_kind}: sparse DiTs go with sparse VAEs")
+    structure = structure_source(structure)
     if structure is None:
-        raise ValueError("a sparse_dit needs its stage-1 structure DiT (a grid_dit on the structure grids)")
+        raise ValueError("a sparse_dit needs its stage-1 structure model: a grid_dit on the structure grids, or a "
+                         "token_dit with its vecset_vae")
     r = dit.config.resolution
     sc = structure.config
-    if getattr(sc, "resolution", None) != r or sc.in_channels != 1:
+    if isinstance(structure, GridStructure) and (getattr(sc, "resolution", None) != r or sc.in_channels != 1):
         raise ValueError(f"the structure DiT generates {sc.in_channels} x {getattr(sc, 'resolution', '?')}^3 grids; "
                          f"the sparse DiT needs 1 x {r}^3 occupancy")
-    if sc.cond != dit.config.cond or tuple(sc.classes) != tuple(dit.config.classes):
-        raise ValueError(f"the structure DiT ({sc.cond}: {list(sc.classes)}) and the sparse DiT "
+    if sc.cond != dit.config.cond or not set(dit.config.classes) <= set(sc.classes):
+        raise ValueError(f"the structure model ({sc.cond}: {list(sc.classes)}) and the sparse DiT "
                          f"({dit.config.cond}: {list(dit.config.classes)}) take different conditions")
     if dit.config.in_channels != vae.config.latent_channels:
         raise ValueError(f"the sparse DiT makes {dit.config.in_channels}-channel latents, the VAE decodes "
                          f"{vae.config.latent_channels}")
+
+
+def structure_labels(cond, dit, structure) -> torch.Tensor | None:
+    """The sparse DiT's class labels as the structure model's (by class name; it may know more classes)."""
+    names, theirs = list(dit.config.classes), list(structure.config.classes)
+    if cond is None or dit.config.cond != "class" or names == theirs:
+        return cond
+    table = torch.tensor([theirs.index(n) for n in names] + [len(theirs)], device=cond.device)  # null -> null
+    return table[cond]
 
 
 def largest_piece(coords: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -204,24 +301,22 @@ def _generate_sparse(dit, structure, vae, *, dit_kind, vae_kind, num, cond, labe
     check_sparse_pipeline(dit, structure, vae, dit_kind=dit_kind, vae_kind=vae_kind)
     if pieces not in ("largest", "all"):
         raise ValueError(f"structure_pieces must be 'largest' or 'all', got {pieces!r}")
-    for m in (dit, structure, vae):
+    source = structure_source(structure)
+    for m in (dit, vae):
         m.to(device).eval()
     r, c = dit.config.resolution, dit.config.in_channels
     cond = cond.to(device) if cond is not None else None
     opts = dict(steps=steps, method=method, shift=shift, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
-                progress=progress, return_stats=True)
+                progress=progress)
     out = Generated(meshes=[None] * num, latents=[None] * num, labels=list(labels or [""] * num))
     # stage 1: which voxels
     t0 = time.perf_counter()
-    noise = initial_noise((num, 1, r, r, r), seed=[seed + i for i in range(num)], device=device)
-    grids, stats = sample(structure, noise, cond=cond, null_cond=_null(structure, cond, cfg_scale, num, device),
-                          **opts)
-    grids = structure.denormalize_latents(grids).cpu()
-    voxels = [active_voxels(g) for g in grids]
+    voxels = source.voxels(num, structure_labels(cond, dit, source), cells=r, factor=vae.config.factor, seed=seed,
+                           device=device, **opts)
     if pieces == "largest":
         voxels = [largest_piece(v, r) for v in voxels]
     out.seconds["structure"] = time.perf_counter() - t0
-    out.nfe = stats.nfe
+    out.nfe = source.nfe
     keep = [i for i in range(num) if len(voxels[i])]
     for i in set(range(num)) - set(keep):
         out.empty[i] = "the structure stage generated no active voxels"
@@ -233,7 +328,7 @@ def _generate_sparse(dit, structure, vae, *, dit_kind, vae_kind, num, cond, labe
     tokens = dit.pack([voxels[i] for i in keep], noise).to(device)
     sub = cond[keep] if cond is not None else None
     x, stats = sample(velocity_fn(dit, tokens), tokens.x, cond=sub,
-                      null_cond=_null(dit, sub, cfg_scale, len(keep), device), **opts)
+                      null_cond=_null(dit, sub, cfg_scale, len(keep), device), return_stats=True, **opts)
     out.nfe += stats.nfe
     for i, f in zip(keep, unpack(x, tokens)):
         out.latents[i] = (voxels[i], vae.unscale_latents(dit.denormalize_latents(f)).cpu())

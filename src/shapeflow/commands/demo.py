@@ -25,15 +25,18 @@ def register(subparsers) -> None:
                    help="folder of real meshes to preprocess too (default: $SHAPEFLOW_TEST_MESHES or "
                         "../shared/meshes when present)")
     p.add_argument("--pipeline", choices=["vecset", "sparse"], default=None,
-                   help="vecset (default: VecSet VAE + token DiT, about 14 min on 2 cores) or sparse (the shipped "
-                        "sparse SDF VAE + structure DiT + sparse DiT trained here, own budget 1500 s)")
+                   help="vecset (default: VecSet VAE + token DiT, about 14 min on 2 cores) or sparse (a sparse DiT "
+                        "trained here on the shipped sparse SDF VAE's latents; own budget 1500 s)")
     p.add_argument("--per-class", type=int, default=None, help="synthetic shapes per class")
     p.add_argument("--vae-steps", type=int, default=None, metavar="N",
                    help="VAE training steps (default: the recipe's, fewer if the time budget needs it)")
     p.add_argument("--dit-steps", type=int, default=None, metavar="N",
                    help="DiT training steps (default: the recipe's, fewer if the time budget needs it)")
+    p.add_argument("--sparse-structure", choices=["vecset", "grid"], default=None,
+                   help="sparse pipeline, stage 1: the shipped VecSet pair (default, measured better) or a structure "
+                        "grid DiT trained here")
     p.add_argument("--structure-steps", type=int, default=None, metavar="N",
-                   help="sparse pipeline: structure DiT training steps (default: fitted like the others)")
+                   help="--sparse-structure grid: structure DiT training steps (default: fitted like the others)")
     p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                    help="time budget of the run the training is fitted to (default 800; sparse pipeline 1500)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
@@ -50,11 +53,14 @@ def run(args: argparse.Namespace) -> int:
     sparse = args.pipeline == "sparse"
     if sparse and args.vae_steps is not None:
         raise ValueError("--vae-steps: the sparse pipeline uses the shipped sparse VAE (not trained by the demo)")
-    if args.structure_steps is not None and not sparse:
-        raise ValueError("--structure-steps goes with --pipeline sparse")
+    if args.sparse_structure is not None and not sparse:
+        raise ValueError("--sparse-structure goes with --pipeline sparse")
+    if args.structure_steps is not None and args.sparse_structure != "grid":
+        raise ValueError("--structure-steps goes with --pipeline sparse --sparse-structure grid")
     changes = {k: v for k, v in (("per_class", args.per_class), ("vae_steps", args.vae_steps),
                                  ("dit_steps", args.dit_steps), ("workers", args.workers),
                                  ("structure_steps", args.structure_steps), ("pipeline", args.pipeline),
+                                 ("sparse_structure", args.sparse_structure),
                                  ("sparse_budget_s" if sparse else "budget_s", args.budget),
                                  ("precision", args.precision)) if v is not None}
     for name in ("vae_steps", "dit_steps", "per_class", "structure_steps"):

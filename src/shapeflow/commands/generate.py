@@ -40,8 +40,9 @@ def register(subparsers) -> None:
                    help="which shipped tiny generator fills in what --dit/--structure/--vae leave out (default: "
                         f"{DEFAULT_PIPELINE}, or sparse for a --dit of kind sparse_dit)")
     p.add_argument("--dit", default=None, metavar="CKPT", help="DiT checkpoint (default: shipped tiny)")
-    p.add_argument("--structure", default=None, metavar="CKPT",
-                   help="stage-1 structure grid DiT of a sparse DiT (required with your own sparse --dit)")
+    p.add_argument("--structure", default=None, metavar="CKPT[,VAE]",
+                   help="stage 1 of a sparse DiT (required with your own sparse --dit): a structure grid DiT, or a "
+                        "token DiT and its VecSet VAE as DIT,VAE")
     p.add_argument("--vae", default=None, metavar="CKPT", help="VAE checkpoint (default: shipped tiny)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--class", dest="class_name", default=None, metavar="NAME",
@@ -75,7 +76,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from shapeflow import fileio
-    from shapeflow.generate import PIPELINES, generate, preview_grid
+    from shapeflow.generate import PIPELINES, generate, load_structure, preview_grid
     from shapeflow.geometry.io import save_mesh
     from shapeflow.models import load_dit, load_vae
     from shapeflow.render import save_png
@@ -96,10 +97,11 @@ def run(args: argparse.Namespace) -> int:
     structure, structure_path = None, None
     if dit_kind == "sparse_dit":
         if args.structure is None and args.dit:
-            raise ValueError(f"{dit_path}: a sparse DiT needs the structure DiT it was trained with: pass "
-                             "--structure CKPT (the grid_dit trained on the latent folder's structure/)")
-        structure_path = Path(args.structure) if args.structure else PIPELINES["sparse"]["structure"]
-        structure, _ = load_dit(structure_path, ema=False)
+            raise ValueError(f"{dit_path}: a sparse DiT needs a stage-1 structure model: pass --structure CKPT (a "
+                             "grid_dit trained on the latent folder's structure/) or --structure DIT,VAE (a token "
+                             "DiT and its VecSet VAE)")
+        structure_path = args.structure or ",".join(str(p) for p in PIPELINES["sparse"]["structure"])
+        structure = load_structure(structure_path)
     elif args.structure:
         raise ValueError(f"{dit_path}: --structure goes with a sparse DiT, this is a {dit_kind}")
 

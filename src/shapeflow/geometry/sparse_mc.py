@@ -138,8 +138,11 @@ def sparse_marching_cubes(
     return vertices, faces
 
 
+DENSE_LOOKUP_NODES = 1 << 26  # close_band looks nodes up in a dense int8 array up to this many grid nodes (64 MB)
+
+
 def close_band(coords: np.ndarray, values: np.ndarray, res: int, *, fill: float,
-               max_layers: int = 8) -> tuple[np.ndarray, np.ndarray]:
+               max_layers: int = 8, dense_limit: int = DENSE_LOOKUP_NODES) -> tuple[np.ndarray, np.ndarray]:
     """Add absent nodes around a sparse field, valued ``+-fill``, so that no surface leaves the known nodes.
 
     Layer 1: every absent node of the ``res``-cell node grid among the 26 neighbours of a present node gets
@@ -153,7 +156,9 @@ def close_band(coords: np.ndarray, values: np.ndarray, res: int, *, fill: float,
     wider than ``max_layers``).
 
     Returns ``(coords (N + F, 3) int64, values (N + F,) float32)``: the input (NaN values dropped, sorted) then
-    the F added nodes. Memory is O(N) per neighbour offset, never O(res^3).
+    the F added nodes. Known nodes are looked up in a dense int8 array of the node grid while it has at most
+    ``dense_limit`` nodes (256^3: 17 MB; several times faster), else in sorted keys (O(N) memory per neighbour
+    offset, never O(res^3)); both give the same result.
     """
     c, v = _prepare(coords, values, res, 0.0)  # validated; (N, 3) and float32
     if not fill > 0:
@@ -161,7 +166,7 @@ def close_band(coords: np.ndarray, values: np.ndarray, res: int, *, fill: float,
     lin = _linear(c, res)
     order = np.argsort(lin, kind="stable")
     keys, c, v = lin[order], c[order].astype(np.int64), v[order]
-    key_v = v  # the values of the known nodes, in key order
+    known = _DenseNodes(res, keys, v) if (res + 1) ** 3 <= dense_limit else _SortedNodes(keys, v)
     offsets = [np.array(o, dtype=np.int64) for o in itertools.product((-1, 0, 1), repeat=3) if o != (0, 0, 0)]
     out_c, out_v = [c], [v]
     src_c, src_v = c, v  # the nodes the next layer grows from
@@ -171,7 +176,7 @@ def close_band(coords: np.ndarray, values: np.ndarray, res: int, *, fill: float,
             n = src_c + o
             ok = np.all((n >= 0) & (n <= res), axis=1)
             nk = _linear(n[ok], res)
-            absent = ~_member(keys, nk)
+            absent = ~known.member(nk)
             add_k.append(nk[absent])
             add_votes.append(src_v[ok][absent])
         k = np.concatenate(add_k)
@@ -186,24 +191,59 @@ def close_band(coords: np.ndarray, values: np.ndarray, res: int, *, fill: float,
         new_v = np.where(np.add.reduceat(votes, start) < 0, -fill, fill).astype(np.float32)
         out_c.append(new_c)
         out_v.append(new_v)
-        keys, key_v = np.concatenate([keys, new_k]), np.concatenate([key_v, new_v])
-        order = np.argsort(keys, kind="stable")
-        keys, key_v = keys[order], key_v[order]
+        known.add(new_k, new_v)
         # grow next only from new nodes that see the other sign among the known nodes (a surface runs there)
         conflict = np.zeros(len(new_k), dtype=bool)
         for o in offsets:
             n = new_c + o
             ok = np.all((n >= 0) & (n <= res), axis=1)
-            nk = _linear(n[ok], res)
-            pos = np.searchsorted(keys, nk).clip(max=len(keys) - 1)
-            hit = keys[pos] == nk
-            other = np.zeros(len(nk), dtype=bool)
-            other[hit] = np.sign(key_v[pos[hit]]) != np.sign(new_v[ok][hit])
+            hit, sign = known.sign(_linear(n[ok], res))
+            other = np.zeros(len(hit), dtype=bool)
+            other[hit] = sign[hit] != np.sign(new_v[ok][hit])
             conflict[np.flatnonzero(ok)[other]] = True
         if not conflict.any():
             break
         src_c, src_v = new_c[conflict], new_v[conflict]
     return np.concatenate(out_c), np.concatenate(out_v)
+
+
+class _DenseNodes:
+    """Known nodes of a node grid as int8 codes: 0 absent, else ``sign(value) + 2``."""
+
+    def __init__(self, res: int, keys: np.ndarray, values: np.ndarray):
+        self.code = np.zeros((res + 1) ** 3, dtype=np.int8)
+        self.add(keys, values)
+
+    def add(self, keys: np.ndarray, values: np.ndarray) -> None:
+        self.code[keys] = (np.sign(values) + 2).astype(np.int8)
+
+    def member(self, keys: np.ndarray) -> np.ndarray:
+        return self.code[keys] != 0
+
+    def sign(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        code = self.code[keys]
+        return code != 0, code.astype(np.float32) - 2.0
+
+
+class _SortedNodes:
+    """Known nodes as sorted linear keys and their values."""
+
+    def __init__(self, keys: np.ndarray, values: np.ndarray):
+        self.keys, self.values = keys, values
+
+    def add(self, keys: np.ndarray, values: np.ndarray) -> None:
+        k, v = np.concatenate([self.keys, keys]), np.concatenate([self.values, values])
+        order = np.argsort(k, kind="stable")
+        self.keys, self.values = k[order], v[order]
+
+    def member(self, keys: np.ndarray) -> np.ndarray:
+        return _member(self.keys, keys)
+
+    def sign(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not len(self.keys):
+            return np.zeros(len(keys), dtype=bool), np.zeros(len(keys), dtype=np.float32)
+        pos = np.searchsorted(self.keys, keys).clip(max=len(self.keys) - 1)
+        return self.keys[pos] == keys, np.sign(self.values[pos])
 
 
 def _member(sorted_keys: np.ndarray, query: np.ndarray) -> np.ndarray:

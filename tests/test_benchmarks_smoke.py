@@ -141,6 +141,13 @@ def test_generation_speed_with_the_shipped_pair():
     assert "tiny: one shape, 2 euler steps, decoded at 128^3: median" in r.stdout, r.stdout
 
 
+def test_generation_speed_of_the_shipped_sparse_pipeline():
+    r = run("bench_generation.py", "speed", "--gen", "sparse", "--steps", 2, "--repeats", 1)
+    assert "sparse: one shape, 2 euler steps, decoded at 256^3 (the sparse band of the latent grid): median" \
+        in r.stdout, r.stdout
+    assert "structure" in r.stdout and "decode" in r.stdout, r.stdout
+
+
 def test_optimizer():
     r = run("bench_optimizer.py", "--repeats", 1)
     assert "| tiny VecSet VAE |" in r.stdout and "| tiny token DiT (class-conditional) |" in r.stdout, r.stdout

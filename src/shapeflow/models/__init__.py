@@ -83,5 +83,5 @@ def load_vae(path: str | os.PathLike, *, ema: bool = False, **overrides: Any) ->
 
 
 def load_dit(path: str | os.PathLike, *, ema: bool = False, **overrides: Any) -> tuple[nn.Module, str]:
-    """A token or grid DiT (shapeflow checkpoint or TRELLIS ``ss_flow_*``)."""
+    """A token, grid or sparse DiT (shapeflow checkpoint or TRELLIS ``ss_flow_*``)."""
     return load_model(path, ema=ema, kinds=DIT_KINDS, **overrides)

@@ -74,7 +74,7 @@ class DemoConfig:
     sharp_points: int = 4_096  # sharp-edge samples per object
     sdf_points: int = 32_768  # SDF samples per object
     real_resolution: int = 256  # watertight grid for the real meshes
-    budget_s: float = 800.0  # wall time of `shapeflow demo` the training is fitted to (make demo: + set-up)
+    budget_s: float = 740.0  # wall time of `shapeflow demo` the training is fitted to (make demo: + set-up)
     max_vae_steps: int = 1100  # the VAE recipe: steps where the budget allows
     max_dit_steps: int = 4000  # the DiT recipe
     min_fraction: float = 0.25  # never train less than this share of the recipe (the machine is too slow then)

@@ -38,7 +38,7 @@ def register(subparsers) -> None:
     p.add_argument("--structure-steps", type=int, default=None, metavar="N",
                    help="--sparse-structure grid: structure DiT training steps (default: fitted like the others)")
     p.add_argument("--budget", type=float, default=None, metavar="SECONDS",
-                   help="time budget of the run the training is fitted to (default 800; sparse pipeline 1500)")
+                   help="time budget of the run the training is fitted to (default 740; sparse pipeline 1500)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
                    help="training precision (default auto: bf16 where the CPU has native bf16, else fp32)")
     p.add_argument("--workers", type=int, default=None)

@@ -12,13 +12,13 @@ One function, :func:`generate`, used by ``shapeflow generate``, the demo and the
    (:mod:`shapeflow.decode`), the decoder's grid for voxel-grid VAEs. A sample whose field has no surface
    gets no mesh; :attr:`Generated.empty` says which and why, and the command reports it.
 
-**Sparse generation** (a ``sparse_dit`` with its ``structure`` grid DiT and a ``sparse_vae``; TRELLIS's two
+**Sparse generation** (a ``sparse_dit`` with a stage-1 ``structure`` model and a ``sparse_vae``; TRELLIS's two
 stages with Direct3D-S2 / TRELLIS.2 SDF latents) replaces step 2 by:
 
-* stage 1: the structure grid DiT samples the ``(1, r, r, r)`` occupancy of the latent grid from seed ``seed + i``;
-  its cells above 0 are the object's active voxels (:func:`~shapeflow.models.sparse_dit.active_voxels`), by
-  default only its largest 26-connected piece (``structure_pieces="largest"``: a detached piece of the
-  structure would decode as a floater);
+* stage 1, from seed ``seed + i``, either a structure grid DiT (:class:`GridStructure`: the cells above 0 of its
+  sampled ``(1, r, r, r)`` occupancy) or a VecSet generator (:class:`VecSetStructure`: the latent cells of the
+  256^3 band of its decoded shape; the shipped default, measured better); by default only the largest
+  26-connected piece is kept (``structure_pieces="largest"``: a detached piece would decode as a floater);
 * stage 2: the sparse DiT samples the latent features on those voxels, noise per voxel from seed ``seed + i``;
 
 and decodes each latent with :meth:`SparseSDFVAE.decode_mesh <shapeflow.models.sparse_vae.SparseSDFVAE.decode_mesh>`
@@ -123,7 +123,8 @@ def generate(
     resolution : marching-cubes grid for VecSet VAEs (cells per axis); grid VAEs use their own grid.
     smooth : Gaussian filter of the decoded fields, standard deviation in world units (0: none; see
         :func:`decode_latents`).
-    structure : the stage-1 grid DiT of a ``sparse_dit`` (module docstring); ``structure_pieces``:
+    structure : the stage-1 model of a ``sparse_dit``: a grid DiT, a ``(token_dit, vecset_vae)`` pair or a
+        structure source (module docstring); ``structure_pieces``:
         ``"largest"`` keeps the largest 26-connected piece of each sampled structure, ``"all"`` every voxel.
     """
     if dit_kind == "sparse_dit" or vae_kind == "sparse_vae":
@@ -170,21 +171,20 @@ class GridStructure:
     trained on a sparse latent folder's ``structure/``): the cells above 0 of its sample."""
 
     dit: torch.nn.Module
-    kind: str = "grid_dit"
-    nfe: int = 0  # evaluations of the last call
 
     @property
     def config(self):
         return self.dit.config
 
     @torch.no_grad()
-    def voxels(self, num: int, cond, *, cells: int, factor: int, seed: int, device, **opts) -> list[torch.Tensor]:
+    def voxels(self, num: int, cond, *, cells: int, factor: int, seed: int, device,
+               **opts) -> tuple[list[torch.Tensor], int]:
+        """``(active voxels (m_i, 3) per sample, velocity evaluations)``."""
         self.dit.to(device).eval()
         noise = initial_noise((num, 1, cells, cells, cells), seed=[seed + i for i in range(num)], device=device)
         grids, stats = sample(self.dit, noise, cond=cond, null_cond=_null(self.dit, cond, opts["cfg_scale"], num,
                                                                             device), return_stats=True, **opts)
-        self.nfe = stats.nfe
-        return [active_voxels(g) for g in self.dit.denormalize_latents(grids).cpu()]
+        return [active_voxels(g) for g in self.dit.denormalize_latents(grids).cpu()], stats.nfe
 
 
 @dataclass
@@ -197,18 +197,17 @@ class VecSetStructure:
     dit: torch.nn.Module
     vae: torch.nn.Module
     resolution: int = 64
-    kind: str = "token_dit"
-    nfe: int = 0  # evaluations of the last call
 
     @property
     def config(self):
         return self.dit.config
 
     @torch.no_grad()
-    def voxels(self, num: int, cond, *, cells: int, factor: int, seed: int, device, **opts) -> list[torch.Tensor]:
+    def voxels(self, num: int, cond, *, cells: int, factor: int, seed: int, device,
+               **opts) -> tuple[list[torch.Tensor], int]:
+        """``(active voxels (m_i, 3) per sample, velocity evaluations)``."""
         res = generate(self.dit, self.vae, dit_kind="token_dit", vae_kind="vecset_vae", num=num, cond=cond,
                        seed=seed, resolution=self.resolution, device=device, **opts)
-        self.nfe = res.nfe
         out = []
         for mesh in res.meshes:
             if mesh is None:
@@ -218,7 +217,7 @@ class VecSetStructure:
             nodes, _ = band_nodes(v, f, cells * factor)
             c = torch.from_numpy(np.unique(nodes.astype(np.int64) // factor, axis=0))
             out.append(c[(c < cells).all(1)])  # a band on the grid's last node plane has no cell
-        return out
+        return out, res.nfe
 
 
 def structure_source(structure, vae=None):
@@ -311,12 +310,11 @@ def _generate_sparse(dit, structure, vae, *, dit_kind, vae_kind, num, cond, labe
     out = Generated(meshes=[None] * num, latents=[None] * num, labels=list(labels or [""] * num))
     # stage 1: which voxels
     t0 = time.perf_counter()
-    voxels = source.voxels(num, structure_labels(cond, dit, source), cells=r, factor=vae.config.factor, seed=seed,
-                           device=device, **opts)
+    voxels, out.nfe = source.voxels(num, structure_labels(cond, dit, source), cells=r, factor=vae.config.factor,
+                                    seed=seed, device=device, **opts)
     if pieces == "largest":
         voxels = [largest_piece(v, r) for v in voxels]
     out.seconds["structure"] = time.perf_counter() - t0
-    out.nfe = source.nfe
     keep = [i for i in range(num) if len(voxels[i])]
     for i in set(range(num)) - set(keep):
         out.empty[i] = "the structure stage generated no active voxels"

@@ -193,7 +193,8 @@ def _publish_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def _write_dir(final: Path, write) -> Path:
+def write_dir(final: Path, write) -> Path:
+    """Build a directory atomically: ``write(tmp)`` fills a temporary sibling, which then replaces ``final``."""
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -240,7 +241,7 @@ def save_checkpoint(
         with fileio.atomic_path(tmp / "state.pt") as p:
             torch.save(dict(train_state), p)
 
-    _write_dir(final, write)
+    write_dir(final, write)
     fileio.write_text(root / LATEST, final.name + "\n")
     _fsync_dir(root)
     for _, old in list_checkpoints(out_dir)[:-keep_last]:
@@ -268,7 +269,7 @@ def export_final(out_dir: str | os.PathLike, ckpt: str | os.PathLike,
             with open(tmp / f, "rb") as fh:
                 os.fsync(fh.fileno())
 
-    return _write_dir(Path(out_dir) / FINAL, write)
+    return write_dir(Path(out_dir) / FINAL, write)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -306,7 +307,7 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], got: Mapping[str, tor
     checkpoints), so the message speaks the file's language.
     """
     names = names or {}
-    missing = sorted(set(expected) - set(got))
+    missing = sorted(names.get(k, k) for k in set(expected) - set(got))
     unexpected = sorted(names.get(k, k) for k in set(got) - set(expected))
     shapes = [f"{names.get(k, k)} {tuple(got[k].shape)} vs model {tuple(expected[k].shape)}"
               for k in expected if k in got and tuple(got[k].shape) != tuple(expected[k].shape)]

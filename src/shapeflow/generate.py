@@ -43,7 +43,8 @@ import torch
 from shapeflow.decode import decode_to_mesh
 from shapeflow.geometry.marching_cubes import EmptySurfaceError, filter_components
 from shapeflow.geometry.sparse_band import band_nodes
-from shapeflow.models import load_dit, load_vae
+from shapeflow.models import TOKEN_DIT_KINDS, load_dit, load_vae
+from shapeflow.models.pretrained.hunyuan_dit import is_release, release_settings
 from shapeflow.models.sparse_dit import active_voxels, unpack, velocity_fn
 from shapeflow.render import image_grid, render_mesh
 from shapeflow.sampling import initial_noise, sample
@@ -80,7 +81,7 @@ def latent_shape(dit, kind: str, num_tokens: int | None = None) -> tuple[int, ..
     """Shape of one latent sample: ``(m, c)`` for token DiTs (``num_tokens``, else the DiT's trained
     ``config.num_tokens``), ``(c, r, r, r)`` for grid DiTs."""
     c = dit.config.in_channels
-    if kind == "token_dit":
+    if kind in TOKEN_DIT_KINDS:
         m = dit.config.num_tokens if num_tokens is None else int(num_tokens)
         if m < 1:
             raise ValueError(f"num_tokens must be >= 1, got {m}")
@@ -132,7 +133,7 @@ def generate(
                                 labels=labels, steps=steps, method=method, shift=shift, cfg_scale=cfg_scale,
                                 cfg_interval=cfg_interval, seed=seed, decode=decode, device=device,
                                 progress=progress, pieces=structure_pieces)
-    if (vae_kind == "vecset_vae") != (dit_kind == "token_dit"):
+    if (vae_kind == "vecset_vae") != (dit_kind in TOKEN_DIT_KINDS):
         raise ValueError(f"a {dit_kind} cannot be decoded by a {vae_kind}: token DiTs go with VecSet VAEs, "
                          "grid DiTs with grid VAEs")
     dit.to(device).eval()
@@ -145,8 +146,16 @@ def generate(
         cond = cond.to(device)
         if cfg_scale != 1.0:
             null = dit.null_condition(num, num_tokens=cond.shape[1] if cond.ndim == 3 else None, device=device)
+    velocity = dit
+    if getattr(dit.config, "guidance_embed", False):  # guidance-distilled: the scale is an input, one pass
+        scale = torch.tensor(float(cfg_scale), device=device)
+
+        def velocity(x, t, c):
+            return dit(x, t, c, guidance=scale.expand(x.shape[0]))
+
+        null, cfg_scale = None, 1.0
     t0 = time.perf_counter()
-    x, stats = sample(dit, noise, steps=steps, method=method, shift=shift, cond=cond, null_cond=null,
+    x, stats = sample(velocity, noise, steps=steps, method=method, shift=shift, cond=cond, null_cond=null,
                       cfg_scale=cfg_scale, cfg_interval=cfg_interval, progress=progress, return_stats=True)
     z = vae.unscale_latents(dit.denormalize_latents(x))
     seconds = {"sample": time.perf_counter() - t0}
@@ -157,6 +166,22 @@ def generate(
     out.meshes, out.empty = decode_latents(vae, vae_kind, z, resolution=resolution, smooth=smooth)
     seconds["decode"] = time.perf_counter() - t0
     return out
+
+
+def check_token_pair(dit, dit_path, vae, vae_path) -> None:
+    """One-line errors when a token-latent DiT and a VecSet VAE do not belong together: latent channels and,
+    for a Hunyuan3D release folder, the latent scale its ``config.yaml`` names (the DiT was trained on
+    ``z * scale_factor``)."""
+    c_dit, c_vae = dit.config.in_channels, vae.config.latent_channels
+    if c_dit != c_vae:
+        raise ValueError(f"{dit_path} and {vae_path} do not match: the DiT models {c_dit}-channel latents, the VAE "
+                         f"has {c_vae} channels")
+    if is_release(dit_path):
+        want = release_settings(dit_path).scale_factor
+        have = vae.config.latent_scale
+        if want is not None and abs(want - have) > 1e-6 * want:
+            raise ValueError(f"{dit_path} and {vae_path} do not match: the DiT was trained on latents scaled by "
+                             f"{want}, the VAE's scale_factor is {have} (another Hunyuan3D version?)")
 
 
 def _null(dit, cond, cfg_scale: float, num: int, device):

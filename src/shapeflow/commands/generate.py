@@ -33,7 +33,11 @@ def register(subparsers) -> None:
                "  shapeflow generate --dit runs/sparse_dit/final --structure runs/structure/final "
                "--vae runs/sparse_vae/final --class mug --out out/mugs\n"
                "  shapeflow generate --dit DIT --vae VAE --image photo.png --image-encoder facebook/dinov2-large "
-               "--out out/img",
+               "--out out/img\n"
+               "  shapeflow generate --image photo.png --dit hunyuan3d-dit-v2-1 --vae hunyuan3d-vae-v2-1 --out out/hy\n"
+               "\nA released Hunyuan3D DiT folder brings its own DINOv2 and image recipe; its defaults are the\n"
+               "reference pipeline's: Euler, 49 steps (its 50 calls end with a zero-length step), guidance 5,\n"
+               "marching cubes at 384.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--pipeline", default=None, choices=sorted(PIPELINE_NAMES),
@@ -48,21 +52,25 @@ def register(subparsers) -> None:
     g.add_argument("--class", dest="class_name", default=None, metavar="NAME",
                    help="class name for class-conditional DiTs ('all': NUM per class)")
     g.add_argument("--image", default=None, metavar="IMG", help="conditioning image (RGBA PNG preferred)")
-    p.add_argument("--image-encoder", default="facebook/dinov2-large", metavar="NAME_OR_DIR",
-                   help="DINOv2 hub name or local directory for --image (default facebook/dinov2-large)")
+    p.add_argument("--image-encoder", default=None, metavar="NAME_OR_DIR",
+                   help="DINOv2 hub name or local directory for --image (default: a release's own encoder, else "
+                        "facebook/dinov2-large)")
     p.add_argument("--num", type=int, default=4, metavar="N", help="shapes to generate (per class with 'all')")
-    p.add_argument("--steps", type=int, default=25, metavar="S", help="ODE steps (default 25)")
-    p.add_argument("--method", default="heun", choices=["euler", "heun", "midpoint"],
-                   help="ODE sampler (default heun: two evaluations per step)")
+    p.add_argument("--steps", type=int, default=None, metavar="S",
+                   help="ODE steps (default 25; a Hunyuan3D release: 49)")
+    p.add_argument("--method", default=None, choices=["euler", "heun", "midpoint"],
+                   help="ODE sampler (default heun: two evaluations per step; a Hunyuan3D release: euler)")
     p.add_argument("--shift", type=float, default=1.0, help="time-grid shift (> 1: more steps near noise)")
-    p.add_argument("--cfg", type=float, default=1.0, metavar="W", help="guidance scale (1 = none)")
+    p.add_argument("--cfg", type=float, default=None, metavar="W",
+                   help="guidance scale (default 1 = none; a Hunyuan3D release: 5)")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="apply guidance only for t in [LO, HI] (t = 0 noise, 1 data)")
     p.add_argument("--seed", type=int, default=0, help="sample k uses seed + k")
     p.add_argument("--structure-pieces", default="largest", choices=["largest", "all"],
                    help="sparse DiTs: keep the largest 26-connected piece of each sampled structure (default) or "
                         "all of it")
-    p.add_argument("--resolution", type=int, default=128, metavar="R", help="marching-cubes grid (VecSet)")
+    p.add_argument("--resolution", type=int, default=None, metavar="R",
+                   help="marching-cubes grid (VecSet; default 128, a Hunyuan3D release: 384)")
     p.add_argument("--num-tokens", type=int, default=None, metavar="M",
                    help="latent tokens per shape (token DiTs; default: the DiT's trained count, model.num_tokens)")
     p.add_argument("--smooth", type=float, default=0.0, metavar="SIGMA",
@@ -76,9 +84,10 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from shapeflow import fileio
-    from shapeflow.generate import PIPELINES, generate, load_structure, preview_grid
+    from shapeflow.generate import PIPELINES, check_token_pair, generate, load_structure, preview_grid
     from shapeflow.geometry.io import save_mesh
-    from shapeflow.models import load_dit, load_vae
+    from shapeflow.models import TOKEN_DIT_KINDS, load_dit, load_vae
+    from shapeflow.models.pretrained.hunyuan_dit import HUNYUAN_SAMPLER, is_release
     from shapeflow.render import save_png
 
     if args.num < 1:
@@ -92,8 +101,20 @@ def run(args: argparse.Namespace) -> int:
     dit, dit_kind = load_dit(dit_path, ema=False)
     if args.dit and args.pipeline is None and dit_kind == "sparse_dit":
         pipeline = "sparse"
+    released = is_release(dit_path)
+    if released and not args.vae:
+        raise ValueError(f"{dit_path}: a Hunyuan3D DiT release needs its VAE: pass --vae <hunyuan3d-vae folder>")
+    defaults = HUNYUAN_SAMPLER if released else dict(steps=25, method="heun", cfg_scale=1.0, resolution=128)
+    for arg, key in (("steps", "steps"), ("method", "method"), ("cfg", "cfg_scale"), ("resolution", "resolution")):
+        if getattr(args, arg) is None:
+            setattr(args, arg, defaults[key])
     vae_path = Path(args.vae) if args.vae else PIPELINES[pipeline]["vae"]
     vae, vae_kind = load_vae(vae_path)
+    num_tokens = args.num_tokens
+    if dit_kind in TOKEN_DIT_KINDS and vae_kind == "vecset_vae":
+        check_token_pair(dit, dit_path, vae, vae_path)
+        if released and num_tokens is None:
+            num_tokens = vae.config.num_tokens  # the reference samples the VAE's latent shape
     structure, structure_path = None, None
     if dit_kind == "sparse_dit":
         if args.structure is None and args.dit:
@@ -122,14 +143,15 @@ def run(args: argparse.Namespace) -> int:
     elif dit.config.cond == "image":
         if args.image is None:
             raise ValueError(f"{dit_path}: image-conditional DiT; pass --image IMG")
-        cond = _image_tokens(args.image, args.image_encoder, len(labels), args.device)
+        cond = _image_tokens(args.image, args.image_encoder, len(labels), args.device,
+                             release=dit_path if released and args.image_encoder is None else None)
     elif args.class_name or args.image:
         raise ValueError(f"{dit_path}: unconditional DiT; --class / --image do not apply")
 
     result = generate(dit, vae, dit_kind=dit_kind, vae_kind=vae_kind, num=len(labels), cond=cond,
                       labels=labels, steps=args.steps, method=args.method, shift=args.shift, cfg_scale=args.cfg,
                       cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else None, seed=args.seed,
-                      resolution=args.resolution, smooth=args.smooth, num_tokens=args.num_tokens,
+                      resolution=args.resolution, smooth=args.smooth, num_tokens=num_tokens,
                       device=args.device, progress=True, structure=structure,
                       structure_pieces=args.structure_pieces)
     out = Path(args.out)
@@ -149,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         "structure_pieces": args.structure_pieces if structure is not None else None,
         "steps": args.steps, "method": args.method, "shift": args.shift, "cfg": args.cfg,
         "cfg_interval": args.cfg_interval, "seed": args.seed, "resolution": args.resolution,
-        "smooth": args.smooth, "num_tokens": args.num_tokens,
+        "smooth": args.smooth, "num_tokens": num_tokens,
         "nfe": result.nfe, "seconds": {k: round(v, 3) for k, v in result.seconds.items()},
         "empty": {str(k): reason for k, reason in result.empty.items()},
     })
@@ -163,19 +185,27 @@ def run(args: argparse.Namespace) -> int:
     return 0 if n_ok == len(files) else 1
 
 
-def _image_tokens(image_path: str, encoder: str, n: int, device: str) -> torch.Tensor:
-    import numpy as np
+def _image_tokens(image_path: str, encoder: str | None, n: int, device: str, release=None) -> torch.Tensor:
+    """Condition tokens of one image, repeated ``n`` times: the release's own DINOv2 and recipe (``release``,
+    a Hunyuan3D DiT folder), else the DINOv2 ``encoder`` names."""
     from PIL import Image
 
     from shapeflow.models.conditioning import ImageConditioner
+    from shapeflow.models.pretrained.hunyuan_dit import release_conditioner
 
     path = Path(image_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such image")
     try:
-        img = np.asarray(Image.open(path).convert("RGBA"))
+        with Image.open(path) as im:
+            img = im.convert("RGBA") if im.mode in ("RGBA", "LA", "P", "PA") else im.convert("RGB")
     except OSError as e:
         raise ValueError(f"{path}: cannot read image ({e})") from None
-    cond_model = ImageConditioner.from_pretrained(encoder).to(device)
-    tokens = cond_model.encode_images([img])  # (1, l, d)
+    if release is not None:
+        cond_model = release_conditioner(release)
+    else:
+        cond_model = ImageConditioner.from_pretrained(encoder or "facebook/dinov2-large")
+    cond_model = cond_model.to(device)
+    pixels = cond_model.preprocess([img], source=str(path)).to(device)
+    tokens = cond_model(pixels)  # (1, l, d)
     return tokens.expand(n, -1, -1).contiguous()

@@ -164,6 +164,75 @@ def preprocess_image(
     return torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))  # (3, size, size)
 
 
+def separate_background(image, *, source: str = "image", tolerance: float = 12.0) -> Image.Image:
+    """An RGB(A) image whose alpha is all opaque -> RGBA with the background made transparent.
+
+    Works when the background is one flat colour: the median of the border pixels, and every pixel within
+    ``tolerance`` (0-255 units, max over channels) of it connected to the border is background. Raises
+    ``ValueError`` naming ``source`` when the border is not one colour (a photo: remove its background first,
+    e.g. with ``rembg``) or nothing is left.
+    """
+    from scipy import ndimage  # scipy is a core dependency (geometry)
+
+    rgba = np.array(_to_pil_rgba(image))
+    if rgba[..., 3].min() < 255:
+        return Image.fromarray(rgba, mode="RGBA")
+    rgb = rgba[..., :3].astype(np.int16)
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])  # (k, 3)
+    colour = np.median(border, axis=0)
+    if np.mean(np.abs(border - colour).max(axis=1) <= tolerance) < 0.95:
+        raise ValueError(f"{source}: no alpha channel and the background is not one flat colour; give an RGBA "
+                         "image with the background removed (e.g. rembg)")
+    close = np.abs(rgb - colour).max(axis=-1) <= tolerance
+    labels, _ = ndimage.label(close)
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    background = np.isin(labels, edge[edge > 0])
+    if background.all():
+        raise ValueError(f"{source}: the image is one flat colour (no object to reconstruct)")
+    rgba[..., 3] = np.where(background, 0, 255).astype(np.uint8)
+    return Image.fromarray(rgba, mode="RGBA")
+
+
+def preprocess_image_hunyuan(image, *, size: int = 518, processor_size: int = 512, border_ratio: float = 0.15,
+                             source: str = "image", mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """Hunyuan3D's recipe (``ImageProcessorV2`` + the DINOv2 encoder's transform) -> ``(3, size, size)``.
+
+    1. the alpha bounding box (any alpha > 0; an opaque image first goes through :func:`separate_background`),
+       scaled so its longer side is ``int(S (1 - border_ratio))`` of the square canvas ``S = max(h, w)``,
+       centred on a transparent canvas (area resampling);
+    2. composited on white, resized to ``processor_size`` (bicubic);
+    3. resized to ``size`` (bilinear, antialiased), centre-cropped, ImageNet-normalised.
+
+    Hunyuan uses OpenCV's resamplers in 1-2 (INTER_AREA, INTER_CUBIC); PIL's box and bicubic filters are
+    used here, so pixels can differ by a few grey levels. The box's last row and column are excluded, as in
+    the reference.
+    """
+    img = separate_background(image, source=source)
+    arr = np.asarray(img)  # (h, w, 4) uint8
+    ys, xs = np.nonzero(arr[..., 3])
+    if len(ys) == 0:
+        raise ValueError(f"{source}: the alpha channel is empty (nothing to reconstruct)")
+    y0, y1, x0, x1 = ys.min(), ys.max(), xs.min(), xs.max()
+    h, w = y1 - y0, x1 - x0
+    if h == 0 or w == 0:
+        raise ValueError(f"{source}: the foreground is a single line of pixels")
+    side = max(arr.shape[0], arr.shape[1])
+    scale = int(side * (1 - border_ratio)) / max(h, w)
+    h2, w2 = max(int(h * scale), 1), max(int(w * scale), 1)
+    crop = Image.fromarray(np.ascontiguousarray(arr[y0:y1, x0:x1]), mode="RGBA")
+    canvas = np.zeros((side, side, 4), np.uint8)
+    top, left = (side - h2) // 2, (side - w2) // 2
+    canvas[top:top + h2, left:left + w2] = np.asarray(crop.resize((w2, h2), Image.Resampling.BOX))
+    alpha = canvas[..., 3:].astype(np.float32) / 255.0
+    rgb = (canvas[..., :3] * alpha + 255.0 * (1 - alpha)).clip(0, 255).astype(np.uint8)
+    rgb = Image.fromarray(rgb, mode="RGB").resize((processor_size, processor_size), Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(rgb, np.float32) / 255.0).permute(2, 0, 1)[None]  # (1, 3, p, p)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return (x - m) / s
+
+
 # ----------------------------------------------------------------------------------------------
 # DINOv2 image tokens
 # ----------------------------------------------------------------------------------------------
@@ -180,6 +249,9 @@ class ImageConditionerConfig:
     alpha_threshold: float = 0.8  # foreground = alpha above this fraction
     tokens: Literal["patch", "all"] = "patch"  # patch tokens only, or CLS (+ registers) too
     features: Literal["prenorm", "final"] = "prenorm"  # last block + plain LN (TRELLIS) / backbone output
+    recipe: Literal["trellis", "hunyuan"] = "trellis"  # preprocess_image / preprocess_image_hunyuan
+    processor_size: int = 512  # hunyuan recipe: the intermediate square size
+    border_ratio: float = 0.15  # hunyuan recipe: empty border around the object
 
     @classmethod
     def trellis(cls) -> "ImageConditionerConfig":
@@ -188,9 +260,13 @@ class ImageConditionerConfig:
                    background="black")
 
     @classmethod
-    def hunyuan(cls) -> "ImageConditionerConfig":
-        """Hunyuan3D-2.1: DINOv2-L, final-LN output with CLS (1370 tokens), white background."""
-        return cls(model_name="facebook/dinov2-large", tokens="all", features="final", background="white")
+    def hunyuan(cls, *, image_size: int = 518, use_cls_token: bool = True, processor_size: int = 512,
+                border_ratio: float = 0.15, model_name: str = "facebook/dinov2-large") -> "ImageConditionerConfig":
+        """Hunyuan3D-2.x: final-LN output with CLS (1370 tokens at 518 px), its recentring on white
+        (:func:`preprocess_image_hunyuan`); DINOv2-L for 2.1, DINOv2-G for 2.0 / 2mini."""
+        return cls(model_name=model_name, image_size=image_size, tokens="all" if use_cls_token else "patch",
+                   features="final", background="white", recipe="hunyuan", processor_size=processor_size,
+                   border_ratio=border_ratio)
 
 
 class ImageConditioner(nn.Module):
@@ -247,11 +323,16 @@ class ImageConditioner(nn.Module):
         self.backbone.eval()  # frozen: never in training mode (no dropout / drop-path)
         return self
 
-    def preprocess(self, images) -> torch.Tensor:
-        """PIL / array images (a list or one) -> ``(b, 3, s, s)`` pixels (:func:`preprocess_image`)."""
+    def preprocess(self, images, *, source: str = "image") -> torch.Tensor:
+        """PIL / array images (a list or one) -> ``(b, 3, s, s)`` pixels (:func:`preprocess_image`, or
+        :func:`preprocess_image_hunyuan`; ``source`` names the input in its errors)."""
         if not isinstance(images, (list, tuple)):
             images = [images]
         c = self.config
+        if c.recipe == "hunyuan":
+            return torch.stack([preprocess_image_hunyuan(im, size=c.image_size, processor_size=c.processor_size,
+                                                         border_ratio=c.border_ratio, source=source)
+                                for im in images])
         return torch.stack([preprocess_image(im, size=c.image_size, crop_scale=c.crop_scale,
                                              alpha_threshold=c.alpha_threshold, background=c.background)
                             for im in images])

@@ -15,6 +15,8 @@ bf16/fp16 training (SD3, TRELLIS, Hunyuan3D). Two kinds, as used by the public c
 
 * ``"layer"``: ``LayerNorm(head_dim)`` with weight and bias, eps 1e-6 (Hunyuan3D ShapeVAE).
 * ``"rms"``: ``normalize(x) * gamma[h, d] * sqrt(head_dim)`` (TRELLIS ``MultiHeadRMSNorm``).
+* ``"rmsnorm"``: ``x / sqrt(mean(x^2) + 1e-6) * weight[d]`` in float32, one gain shared by the heads
+  (``torch.nn.RMSNorm``; Hunyuan3D-2.x DiTs).
 
 Under CPU autocast (``train.precision=bf16`` on a CPU with AMX) the attention itself runs in float32
 (:func:`sdpa`): the CPU's fused kernel is slower in bfloat16 than in float32, while the projections
@@ -72,7 +74,21 @@ def make_qk_norm(kind: str | None, heads: int, head_dim: int) -> nn.Module:
         return _HeadLayerNorm(head_dim)
     if kind == "rms":
         return MultiHeadRMSNorm(heads, head_dim)
-    raise ValueError(f"unknown qk_norm {kind!r}; expected 'layer', 'rms' or None")
+    if kind == "rmsnorm":
+        return HeadRMSNorm(head_dim)
+    raise ValueError(f"unknown qk_norm {kind!r}; expected 'layer', 'rms', 'rmsnorm' or None")
+
+
+class HeadRMSNorm(nn.RMSNorm):
+    """``torch.nn.RMSNorm(head_dim, eps=1e-6)`` over the head channels, computed in float32."""
+
+    def __init__(self, head_dim: int):
+        super().__init__(head_dim, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.to(x.dtype) * self.weight.to(x.dtype)
 
 
 class _HeadLayerNorm(nn.LayerNorm):

@@ -66,23 +66,30 @@ class TimestepEmbedder(nn.Module):
     """Flow time ``t`` in [0, 1] -> (b, C): sinusoid of ``1000 t`` (dim 256, ``cat([cos, sin])``) then MLP.
 
     ``mlp.0`` = Linear(256, C), ``mlp.1`` = SiLU, ``mlp.2`` = Linear(C, C) (TRELLIS / DiT names).
-    Frequencies ``exp(-ln(10000) k / 128)``, ``k = 0 .. 127``.
+    Frequencies ``exp(-ln(10000) k / 128)``, ``k = 0 .. 127``. ``hidden`` (default C) and ``activation``
+    (``"silu"`` / ``"gelu"``) change the MLP's middle; Hunyuan3D-2.1 uses ``time_scale`` 1, ``freq_dim`` C,
+    ``hidden`` 4C and GELU (its ``[sin, cos]`` order is permuted into ours by the loader).
     """
 
     def __init__(self, width: int, freq_dim: int = 256, *, time_scale: float = 1000.0,
-                 max_period: float = 10000.0):
+                 max_period: float = 10000.0, hidden: int | None = None, activation: str = "silu"):
         super().__init__()
         if freq_dim % 2:
             raise ValueError(f"timestep frequency dim must be even, got {freq_dim}")
+        if activation not in ("silu", "gelu"):
+            raise ValueError(f"timestep MLP activation must be silu or gelu, got {activation!r}")
         self.freq_dim, self.time_scale, self.max_period = freq_dim, time_scale, max_period
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+        hidden = hidden or width
+        act = nn.SiLU() if activation == "silu" else nn.GELU()
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), act, nn.Linear(hidden, width))
 
     def sinusoid(self, t: torch.Tensor) -> torch.Tensor:
-        """(b,) -> (b, freq_dim) features of ``time_scale * t`` in float32."""
+        """(b,) -> (b, freq_dim) features of ``time_scale * t`` in float32 (float64 for a float64 ``t``)."""
         half = self.freq_dim // 2
-        k = torch.arange(half, dtype=torch.float32, device=t.device)
+        dtype = torch.promote_types(t.dtype, torch.float32)  # float32, or float64 for a float64 t
+        k = torch.arange(half, dtype=dtype, device=t.device)
         freqs = torch.exp(-math.log(self.max_period) * k / half)  # (half,)
-        args = (t.float() * self.time_scale)[:, None] * freqs[None]  # (b, half)
+        args = (t.to(dtype) * self.time_scale)[:, None] * freqs[None]  # (b, half)
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (b, freq_dim)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:

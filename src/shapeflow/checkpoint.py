@@ -251,11 +251,13 @@ def save_checkpoint(
 
 
 def export_final(out_dir: str | os.PathLike, ckpt: str | os.PathLike,
-                 which: Literal["ema", "model"] = "ema") -> Path:
+                 which: Literal["ema", "model"] = "ema",
+                 transform: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> Path:
     """Copy a checkpoint's ``config.json`` and chosen weights to ``<out_dir>/final/`` (atomically).
 
     The weights are written as ``final/model.safetensors`` whichever set was chosen, so inference code
-    only ever reads ``model.safetensors``.
+    only ever reads ``model.safetensors``. ``transform`` rewrites the state dict on the way (e.g. merging
+    LoRA adapters into the weights).
     """
     ckpt = resolve_checkpoint(ckpt)
     src = ckpt / f"{which}.safetensors"
@@ -264,7 +266,10 @@ def export_final(out_dir: str | os.PathLike, ckpt: str | os.PathLike,
 
     def write(tmp: Path) -> None:
         shutil.copyfile(ckpt / "config.json", tmp / "config.json")
-        shutil.copyfile(src, tmp / "model.safetensors")
+        if transform is None:
+            shutil.copyfile(src, tmp / "model.safetensors")
+        else:
+            save_safetensors(tmp / "model.safetensors", transform(load_file(str(src))))
         for f in ("config.json", "model.safetensors"):
             with open(tmp / f, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -66,6 +66,9 @@ class TrainConfig:
     seed: int = 0  # model init uses seed on every rank; data/augmentation RNG is seeded per rank
     num_workers: int = 2  # DataLoader worker processes per rank
     export_weights: Literal["ema", "model"] = "ema"  # weights written to <out_dir>/final ("model" if ema off)
+    lora_rank: int = 0  # > 0: freeze the model, train LoRA adapters of this rank (shapeflow.train.lora)
+    lora_alpha: float = 0.0  # adapter scale alpha / rank (0: alpha = rank)
+    lora_targets: tuple[str, ...] = ("to_qkv", "to_q", "to_kv", "to_out", "fc1", "fc2", "linear1", "linear2")
 
     def __post_init__(self) -> None:
         positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
@@ -73,7 +76,7 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ConfigError(f"train.{name}: must be >= 1, got {value}")
-        for name in ("warmup_steps", "ckpt_every", "val_every", "ema_start", "num_workers", "seed"):
+        for name in ("warmup_steps", "ckpt_every", "val_every", "ema_start", "num_workers", "seed", "lora_rank"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}: must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:

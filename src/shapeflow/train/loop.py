@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -82,7 +83,7 @@ from tqdm import tqdm
 
 from shapeflow import checkpoint as ckpt_lib
 from shapeflow import fileio
-from shapeflow.train import dist
+from shapeflow.train import dist, lora
 from shapeflow.train.ema import EMA, DTensor, unwrap
 from shapeflow.train.experiment import ExperimentConfig, TrainConfig, resolved_dict, save_resolved
 from shapeflow.train.task import Task
@@ -446,7 +447,7 @@ def _eval_module(task: Task, cfg: ExperimentConfig, model: nn.Module, ema: EMA |
     """A plain module in eval mode holding the model's (or the EMA's) weights."""
     if _is_fsdp(model):  # unsharded replica: validation may call any method, not only forward
         state = ema.state_dict() if ema is not None else _full_model_state(model)
-        replica = task.build_model(cfg)
+        replica = _build_model(task, cfg)
         replica.load_state_dict(state, strict=True)
         yield replica.to(device).eval()
         return
@@ -677,6 +678,18 @@ def _resume_point(cfg: ExperimentConfig, info: dist.DistInfo, resume: bool) -> t
     return ckpt, state
 
 
+def _build_model(task: Task, cfg: ExperimentConfig) -> nn.Module:
+    """The task's model, with LoRA adapters on its projections when ``train.lora_rank > 0`` (the rest frozen)."""
+    model = task.build_model(cfg)
+    tc = cfg.train
+    if tc.lora_rank:
+        adapted = lora.add_lora(model, tc.lora_rank, tc.lora_alpha or None, tc.lora_targets)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        dist.print0("LoRA rank %d on %d linear layers: %.3fM trainable parameters", tc.lora_rank, len(adapted),
+                    trainable / 1e6)
+    return model
+
+
 def _build(cfg: ExperimentConfig, task: Task, info: dist.DistInfo, device: torch.device, ckpt: Path | None,
            state: dict | None) -> _Run:
     """Model (same initial weights on every rank), data, optimizer, EMA, RNG streams, logs."""
@@ -695,7 +708,7 @@ def _build(cfg: ExperimentConfig, task: Task, info: dist.DistInfo, device: torch
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 parts
 
     dist.seed_everything(tc.seed)  # identical initial weights on every rank
-    model = task.build_model(cfg)
+    model = _build_model(task, cfg)
     if tc.grad_checkpointing:
         if not hasattr(model, "grad_checkpointing"):
             raise ValueError(f"train.grad_checkpointing: {type(model).__name__} has no "
@@ -911,7 +924,14 @@ def _export(r: _Run) -> None:
     if r.main:
         last = ckpt_lib.latest_checkpoint(r.out_dir)
         if last is not None:
-            which = r.cfg.train.export_weights if r.ema is not None else "model"
-            final = ckpt_lib.export_final(r.out_dir, last, which)
-            dist.print0("exported %s weights to %s", which, final)
+            tc = r.cfg.train
+            which = tc.export_weights if r.ema is not None else "model"
+            merge = None
+            if tc.lora_rank:  # fold the adapters in: final/ holds the plain model's weights
+                scale = (tc.lora_alpha or tc.lora_rank) / tc.lora_rank
+                merge = functools.partial(lora.merge_state_dict, scale=scale)
+            final = ckpt_lib.export_final(r.out_dir, last, which, transform=merge)
+            dist.print0("exported %s weights to %s%s", which, final, " (LoRA merged)" if merge else "")
+            if r.task.export is not None:
+                r.task.export(r.cfg, final)
     dist.barrier()

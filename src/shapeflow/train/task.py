@@ -34,6 +34,8 @@ Contract (what the loop guarantees and expects)
   contiguous shard of the validation set. Return **per-sample means**: the engine averages them over
   ranks weighted by shard size. Without ``validate`` the engine reports the mean of ``loss``'s logs.
 * ``collate`` (optional): DataLoader ``collate_fn`` (runs in workers; keep it deterministic).
+* ``export(cfg, final_dir)`` (optional): runs on rank 0 after ``<out_dir>/final`` is written (e.g. the
+  fine-tuned weights in a public release's layout next to it).
 * ``kind``: the model family the task trains, a key of :data:`shapeflow.models.MODELS` (None for models
   outside the registry, such as the toy task's MLP). It is written into every checkpoint's ``config.json``
   so that :func:`shapeflow.models.load_model` can rebuild the model from the checkpoint alone.
@@ -51,6 +53,7 @@ configs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
@@ -79,3 +82,4 @@ class Task:
     collate: Callable[[list], Any] | None = None
     objective_config: type | None = None  # dataclass of the ``objective:`` section (loss weights, flow schedule)
     build_frozen: Callable[["ExperimentConfig", torch.device], Any] | None = None  # helpers the loss reads
+    export: Callable[["ExperimentConfig", Path], None] | None = None  # extra exports of <out_dir>/final

@@ -4,7 +4,12 @@
 * ``grid_dit``: :class:`~shapeflow.models.dit.GridDiT` on voxel-grid latents ``(c, r, r, r)`` (also stage 1 of
   sparse generation: the ``structure/`` folder of a sparse latent folder, ``(1, r, r, r)`` occupancy);
 * ``sparse_dit``: :class:`~shapeflow.models.sparse_dit.SparseDiT` on sparse latents (stage 2: features on
-  the active voxels; a variable count per object, packed into padded tokens with masks in the loss).
+  the active voxels; a variable count per object, packed into padded tokens with masks in the loss);
+* ``hunyuan21_dit`` / ``hunyuan20_dit``: the Hunyuan3D DiTs (:mod:`shapeflow.models.hunyuan_dit`), usually
+  fine-tuned from a released folder (``model.init_from``) on latents that ``encode-latents --vae <released
+  VAE>`` wrote. Their latent space is the released one (``data.normalization: none``, checked); the frozen
+  image encoder is the release's own DINOv2; ``<run>/final/release/`` holds the result in the released layout
+  (loadable by the reference pipeline) when ``init_from`` is a release. LoRA: ``train.lora_rank``.
 
 Data: a latent folder written by ``shapeflow encode-latents`` (:class:`~shapeflow.data.latents.LatentDataset`).
 Objective: :class:`~shapeflow.flow.FlowConfig` (time sampling, shift, condition dropout), the loss is
@@ -27,7 +32,9 @@ context (TRELLIS / Hunyuan3D); the null condition is all-zero tokens.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 import torch
@@ -36,13 +43,20 @@ from torch import nn
 from shapeflow.data.latents import LatentDataset
 from shapeflow.flow import FlowConfig, LatentNormalizer, flow_matching_loss
 from shapeflow.models.conditioning import ImageConditioner
+from shapeflow.models import TOKEN_DIT_KINDS, load_model
 from shapeflow.models.dit import GridDiT, TokenDiT
+from shapeflow.models.hunyuan_dit import Hunyuan20DiT, Hunyuan21DiT
+from shapeflow.models.pretrained.hunyuan_dit import export_release, is_release, release_conditioner
 from shapeflow.models.sparse_dit import SparseDiT, velocity_fn
 from shapeflow.train.ema import unwrap
 from shapeflow.train.task import Task
 
 if TYPE_CHECKING:
     from shapeflow.train.experiment import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+RELEASED = (Hunyuan21DiT, Hunyuan20DiT)  # families of public releases: their latent space is fixed
 
 
 @dataclass(frozen=True)
@@ -80,7 +94,7 @@ def _datasets(cfg: "ExperimentConfig"):
 def _check_shape(model: nn.Module, z: torch.Tensor, root: str) -> None:
     """THE check that a DiT fits its latents (a token DiT's ``num_tokens``, a grid DiT's grid)."""
     c = model.config.in_channels
-    if isinstance(model, TokenDiT):
+    if model.kind in TOKEN_DIT_KINDS:
         m = model.config.num_tokens
         ok = z.ndim == 2 and tuple(z.shape) == (m, c)
         want = f"({m}, {c}) (model.num_tokens, model.in_channels)"
@@ -98,6 +112,11 @@ def _build_model(cls):
             raise ValueError(f"objective.set_coupling={cfg.objective.set_coupling!r} reorders latent tokens; "
                              f"only a token DiT (unordered token sets) may use it, not a {cls.__name__}")
         model = cls(cfg.model)
+        if getattr(cfg.model, "init_from", ""):
+            _init_from(model, cfg.model.init_from)
+        if cls in RELEASED and cfg.data.normalization != "none":
+            raise ValueError(f"data.normalization={cfg.data.normalization!r}: a {cls.kind} works in the released "
+                             "latent space (the VAE's scale_factor, already in the latents); set it to none")
         train, _ = _datasets(cfg)
         if cls is SparseDiT:
             return _fit_sparse(model, train, cfg)
@@ -107,11 +126,38 @@ def _build_model(cls):
         z = train.stack()  # (n, ...)
         _check_shape(model, z[0], cfg.data.root)
         mode = cfg.data.normalization
-        if mode != "none":
+        if mode != "none" and cls not in RELEASED:
             channel_dim = -1 if cls is TokenDiT else 1
             model.set_latent_normalizer(LatentNormalizer.fit(z, mode=mode, channel_dim=channel_dim))
         return model
     return build
+
+
+# the fields that do not change the weights (free to differ from the checkpoint a run starts from)
+_NOT_ARCHITECTURE = {"num_tokens", "cond_tokens", "gradient_checkpointing", "init_from", "moe_aux_weight"}
+
+
+def _init_from(model: nn.Module, source: str) -> None:
+    """Load the weights of ``source`` (a released folder or a shapeflow checkpoint of the same family) into
+    ``model``; a one-line error names the architecture fields that differ."""
+    loaded = type(model).from_pretrained(source)
+    mine, theirs = dataclasses.asdict(model.config), dataclasses.asdict(loaded.config)
+    diff = {k: (mine[k], theirs[k]) for k in mine if k not in _NOT_ARCHITECTURE and mine[k] != theirs.get(k)}
+    if diff:
+        raise ValueError(f"model.init_from={source}: its architecture differs from model.* in "
+                         + ", ".join(f"{k} (config {a!r}, checkpoint {b!r})" for k, (a, b) in diff.items())
+                         + "; use the matching preset")
+    model.load_state_dict(loaded.state_dict(), strict=True)
+
+
+def _export_release(cfg: "ExperimentConfig", final: Path) -> None:
+    """``final/release/``: the fine-tuned weights in the layout of the release the run started from."""
+    src = cfg.model.init_from
+    if not src or not is_release(src):
+        return
+    model = load_model(final)[0]
+    out = export_release(model, src, final / "release")
+    log.info("wrote the fine-tuned weights in the released layout: %s", out)
 
 
 def _fit_sparse(model: SparseDiT, train: LatentDataset, cfg: "ExperimentConfig") -> SparseDiT:
@@ -155,10 +201,15 @@ def _flow_inputs(model: nn.Module, batch: dict):
 
 
 def build_frozen(cfg: "ExperimentConfig", device: torch.device) -> ImageConditioner | None:
-    """The frozen DINOv2 encoder of an image-conditioned DiT (None otherwise), once per run."""
+    """The frozen DINOv2 encoder of an image-conditioned DiT (None otherwise), once per run: a release's
+    own encoder when the run starts from a Hunyuan3D release, else ``data.image_encoder``."""
     if cfg.model.cond != "image":
         return None
-    enc = ImageConditioner.from_pretrained(cfg.data.image_encoder).to(device).eval()
+    src = getattr(cfg.model, "init_from", "")
+    if src and is_release(src):
+        enc = release_conditioner(src).to(device).eval()
+    else:
+        enc = ImageConditioner.from_pretrained(cfg.data.image_encoder).to(device).eval()
     if enc.cond_dim != cfg.model.cond_dim:
         raise ValueError(f"{cfg.data.image_encoder}: gives {enc.cond_dim}-dim tokens, model.cond_dim is "
                          f"{cfg.model.cond_dim}")
@@ -213,6 +264,7 @@ TASKS = tuple(
     Task(name=cls.kind, kind=cls.kind, model_config=cls.config_class, data_config=LatentDataConfig,
          build_model=_build_model(cls), build_datasets=_datasets, loss=loss, validate=validate,
          objective_config=FlowConfig, build_frozen=build_frozen,
-         collate=collate_sparse_latents if cls is SparseDiT else None)
-    for cls in (TokenDiT, GridDiT, SparseDiT)
+         collate=collate_sparse_latents if cls is SparseDiT else None,
+         export=_export_release if cls in RELEASED else None)
+    for cls in (TokenDiT, GridDiT, SparseDiT, *RELEASED)
 )

@@ -207,3 +207,13 @@ def test_sparse_vae_band_and_codec_table(tmp_path):
     rows = [line for line in r.stdout.splitlines() if line.startswith("| 32^3")]
     assert len(rows) == 2, r.stdout  # one band row, one encode/decode row with the shipped tiny VAE
     assert "| one closed piece |" in rows[1], r.stdout  # a sphere comes back as one closed piece
+
+
+def test_hunyuan_dit_sizes_and_speed_smoke(tmp_path):
+    r = run("bench_hunyuan_dit.py", "params")
+    assert "hunyuan21      3.051 B" in r.stdout and "hunyuan2mini   0.559 B" in r.stdout, r.stdout
+    run("bench_hunyuan_dit.py", "speed", "--models", "tiny", "--dtypes", "fp32", "bf16", "--steps", 2,
+        "--out", tmp_path / "speed.json")
+    rows = json.loads((tmp_path / "speed.json").read_text())
+    assert [(r["model"], r["dtype"], len(r["s_per_step"]), r["finite"]) for r in rows] == \
+        [("tiny", "fp32", 2, True), ("tiny", "bf16", 2, True)]

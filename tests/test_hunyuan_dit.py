@@ -582,3 +582,65 @@ def test_generate_refuses_mismatched_folders_and_images_without_alpha(tmp_path, 
                  str(tmp_path / "o2")]) != 0
     err = capsys.readouterr().err
     assert "photo.jpg: no alpha channel" in err
+
+
+def test_generate_on_a_release_follows_the_reference_loop_step_by_step(tmp_path):
+    """shapeflow.generate with the release's defaults = Hunyuan's Euler loop with guidance 5 on the reference
+    forward (fp16 weights), from the same noise: the sampled latents in the DiT's (scaled) space."""
+    from shapeflow.generate import generate
+    from shapeflow.sampling import initial_noise
+
+    dit, vae = _release_pair(tmp_path)
+    model, kind = load_dit(dit)
+    vae_model, vae_kind = load_vae(vae)
+    sd = read_group(dit, "model")
+    ref = Ref21({k: v.double() for k, v in sd.items()})
+    cond = torch.randn(2, L, CTX, generator=torch.Generator().manual_seed(5))
+    out = generate(model, vae_model, dit_kind=kind, vae_kind=vae_kind, num=2, cond=cond, steps=4,
+                   method="euler", cfg_scale=5.0, num_tokens=32, decode=False)  # float32, as users run it
+    noise = initial_noise((2, 32, CIN), seed=[0, 1]).double()
+    want = reference_euler(ref, noise, 5, cond.double(), torch.zeros_like(cond).double(), 5.0)
+    assert (want - noise).abs().mean() > 0.1
+    torch.testing.assert_close((out.latents * 1.25).double(), want, rtol=1e-4, atol=1e-4)  # VAE scale 1.25
+    assert out.nfe == 4
+
+
+def test_guidance_distilled_release_gets_the_scale_as_input_and_one_pass():
+    from shapeflow.generate import generate
+
+    model = Hunyuan20DiT.from_preset("tiny", guidance_embed=True).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.05)
+    calls = []
+
+    class Spy(torch.nn.Module):  # records the batch size and guidance of every call
+        config = model.config
+
+        def forward(self, x, t, c, guidance=None):
+            calls.append((x.shape[0], None if guidance is None else float(guidance[0])))
+            return model(x, t, c, guidance=guidance)
+
+        def denormalize_latents(self, x):
+            return x
+
+    class Identity(torch.nn.Module):
+        def unscale_latents(self, x):
+            return x
+
+    cond = torch.randn(2, 17, 32)
+    generate(Spy(), Identity(), dit_kind="hunyuan20_dit", vae_kind="vecset_vae", num=2, cond=cond, steps=3,
+             method="euler", cfg_scale=4.0, num_tokens=8, decode=False)
+    assert calls == [(2, 4.0)] * 3  # no doubled cond/uncond batch, the scale goes in
+
+
+def test_image_to_3d_in_three_lines(tmp_path):
+    from shapeflow.generate import image_to_3d
+
+    dit, vae = _release_pair(tmp_path)
+    img = tmp_path / "photo.png"
+    Image.fromarray(_rgba_object(), mode="RGBA").save(img)
+    out = image_to_3d(img, dit, vae, num=2, steps=2, resolution=32)
+    assert len(out.meshes) == 2 and out.nfe == 2 and out.latents.shape == (2, 32, CIN)
+    with pytest.raises(ValueError, match="no alpha channel"):
+        image_to_3d((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8), dit, vae, steps=1)

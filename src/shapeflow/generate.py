@@ -39,12 +39,14 @@ from typing import Sequence
 import numpy as np
 import scipy.ndimage
 import torch
+from PIL import Image
 
 from shapeflow.decode import decode_to_mesh
 from shapeflow.geometry.marching_cubes import EmptySurfaceError, filter_components
 from shapeflow.geometry.sparse_band import band_nodes
 from shapeflow.models import TOKEN_DIT_KINDS, load_dit, load_vae
-from shapeflow.models.pretrained.hunyuan_dit import is_release, release_settings
+from shapeflow.models.conditioning import ImageConditioner
+from shapeflow.models.pretrained.hunyuan_dit import HUNYUAN_SAMPLER, is_release, release_conditioner, release_settings
 from shapeflow.models.sparse_dit import active_voxels, unpack, velocity_fn
 from shapeflow.render import image_grid, render_mesh
 from shapeflow.sampling import initial_noise, sample
@@ -141,11 +143,6 @@ def generate(
     shape = latent_shape(dit, dit_kind, num_tokens)
     seeds = [seed + i for i in range(num)]
     noise = initial_noise((num, *shape), seed=seeds, device=device)
-    null = None
-    if cond is not None:
-        cond = cond.to(device)
-        if cfg_scale != 1.0:
-            null = dit.null_condition(num, num_tokens=cond.shape[1] if cond.ndim == 3 else None, device=device)
     velocity = dit
     if getattr(dit.config, "guidance_embed", False):  # guidance-distilled: the scale is an input, one pass
         scale = torch.tensor(float(cfg_scale), device=device)
@@ -153,7 +150,12 @@ def generate(
         def velocity(x, t, c):
             return dit(x, t, c, guidance=scale.expand(x.shape[0]))
 
-        null, cfg_scale = None, 1.0
+        cfg_scale = 1.0
+    null = None
+    if cond is not None:
+        cond = cond.to(device)
+        if cfg_scale != 1.0:
+            null = dit.null_condition(num, num_tokens=cond.shape[1] if cond.ndim == 3 else None, device=device)
     t0 = time.perf_counter()
     x, stats = sample(velocity, noise, steps=steps, method=method, shift=shift, cond=cond, null_cond=null,
                       cfg_scale=cfg_scale, cfg_interval=cfg_interval, progress=progress, return_stats=True)
@@ -182,6 +184,57 @@ def check_token_pair(dit, dit_path, vae, vae_path) -> None:
         if want is not None and abs(want - have) > 1e-6 * want:
             raise ValueError(f"{dit_path} and {vae_path} do not match: the DiT was trained on latents scaled by "
                              f"{want}, the VAE's scale_factor is {have} (another Hunyuan3D version?)")
+
+
+def image_tokens(image, *, release=None, encoder: str | None = None, num: int = 1, device="cpu",
+                 source: str | None = None) -> torch.Tensor:
+    """Condition tokens ``(num, l, d)`` of one image (a path, PIL image or ``(h, w, 3|4)`` array): with the
+    DINOv2 and recipe of ``release`` (a Hunyuan3D DiT folder) or else of the DINOv2 ``encoder`` names.
+    An opaque image must have a flat background (:func:`~shapeflow.models.conditioning.separate_background`);
+    errors name ``source`` (the path by default)."""
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        source = source or str(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such image")
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGBA") if im.mode in ("RGBA", "LA", "P", "PA") else im.convert("RGB")
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read image ({e})") from None
+    enc = release_conditioner(release) if release is not None else \
+        ImageConditioner.from_pretrained(encoder or "facebook/dinov2-large")
+    enc = enc.to(device)
+    tokens = enc(enc.preprocess([image], source=source or "image").to(device))  # (1, l, d)
+    return tokens.expand(num, -1, -1).contiguous()
+
+
+def image_to_3d(image, dit, vae, *, num: int = 1, steps: int | None = None, cfg_scale: float | None = None,
+                resolution: int | None = None, seed: int = 0, device="cpu", progress: bool = False):
+    """One image -> mesh(es) with a released Hunyuan3D DiT folder and its VAE folder (or any image-conditioned
+    token DiT and VecSet VAE checkpoints), with the reference pipeline's defaults (:data:`HUNYUAN_SAMPLER`).
+
+    Returns ``(vertices, faces)`` for ``num=1``, else the :class:`Generated` result."""
+    dit_model, dit_kind = load_dit(dit)
+    vae_model, vae_kind = load_vae(vae)
+    if dit_kind not in TOKEN_DIT_KINDS or vae_kind != "vecset_vae" or dit_model.config.cond != "image":
+        raise ValueError(f"{dit}: image-to-3D needs an image-conditioned token DiT and a VecSet VAE, got a "
+                         f"{dit_kind} and a {vae_kind}")
+    check_token_pair(dit_model, dit, vae_model, vae)
+    released = is_release(dit)
+    defaults = HUNYUAN_SAMPLER if released else dict(steps=25, method="euler", shift=1.0, cfg_scale=1.0,
+                                                     resolution=128)
+    cond = image_tokens(image, release=dit if released else None, num=num, device=device)
+    out = generate(dit_model, vae_model, dit_kind=dit_kind, vae_kind=vae_kind, num=num, cond=cond,
+                   steps=steps or defaults["steps"], method=defaults["method"],
+                   cfg_scale=defaults["cfg_scale"] if cfg_scale is None else cfg_scale,
+                   resolution=resolution or defaults["resolution"], seed=seed,
+                   num_tokens=vae_model.config.num_tokens if released else None, device=device, progress=progress)
+    if num == 1:
+        if out.meshes[0] is None:
+            raise ValueError(f"{image}: no surface decoded ({out.empty.get(0, 'empty field')})")
+        return out.meshes[0]
+    return out
 
 
 def _null(dit, cond, cfg_scale: float, num: int, device):

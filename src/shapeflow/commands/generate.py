@@ -84,7 +84,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from shapeflow import fileio
-    from shapeflow.generate import PIPELINES, check_token_pair, generate, load_structure, preview_grid
+    from shapeflow.generate import PIPELINES, check_token_pair, generate, image_tokens, load_structure, preview_grid
     from shapeflow.geometry.io import save_mesh
     from shapeflow.models import TOKEN_DIT_KINDS, load_dit, load_vae
     from shapeflow.models.pretrained.hunyuan_dit import HUNYUAN_SAMPLER, is_release
@@ -143,8 +143,8 @@ def run(args: argparse.Namespace) -> int:
     elif dit.config.cond == "image":
         if args.image is None:
             raise ValueError(f"{dit_path}: image-conditional DiT; pass --image IMG")
-        cond = _image_tokens(args.image, args.image_encoder, len(labels), args.device,
-                             release=dit_path if released and args.image_encoder is None else None)
+        cond = image_tokens(args.image, release=dit_path if released and args.image_encoder is None else None,
+                            encoder=args.image_encoder, num=len(labels), device=args.device)
     elif args.class_name or args.image:
         raise ValueError(f"{dit_path}: unconditional DiT; --class / --image do not apply")
 
@@ -183,29 +183,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"generated {n_ok}/{len(files)} shapes ({result.nfe} evaluations each) -> {out} "
           f"({stages}decoding {result.seconds.get('decode', 0):.1f} s)")
     return 0 if n_ok == len(files) else 1
-
-
-def _image_tokens(image_path: str, encoder: str | None, n: int, device: str, release=None) -> torch.Tensor:
-    """Condition tokens of one image, repeated ``n`` times: the release's own DINOv2 and recipe (``release``,
-    a Hunyuan3D DiT folder), else the DINOv2 ``encoder`` names."""
-    from PIL import Image
-
-    from shapeflow.models.conditioning import ImageConditioner
-    from shapeflow.models.pretrained.hunyuan_dit import release_conditioner
-
-    path = Path(image_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such image")
-    try:
-        with Image.open(path) as im:
-            img = im.convert("RGBA") if im.mode in ("RGBA", "LA", "P", "PA") else im.convert("RGB")
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read image ({e})") from None
-    if release is not None:
-        cond_model = release_conditioner(release)
-    else:
-        cond_model = ImageConditioner.from_pretrained(encoder or "facebook/dinov2-large")
-    cond_model = cond_model.to(device)
-    pixels = cond_model.preprocess([img], source=str(path)).to(device)
-    tokens = cond_model(pixels)  # (1, l, d)
-    return tokens.expand(n, -1, -1).contiguous()

@@ -134,3 +134,45 @@ def test_finetune_config_errors_are_one_line(data, capsys):
     assert "model.init_from" in err and "depth (config 4, checkpoint 5)" in err and "Traceback" not in err
     assert _train(data, "norm", "data.normalization=channel") != 0
     assert "set it to none" in capsys.readouterr().err
+
+
+def test_lora_finetune_resumes_to_the_same_weights(data):
+    import shutil
+
+    assert _train(data, "straight", "train.lora_rank=4", "train.ckpt_every=2") == 0
+    assert _train(data, "resumed", "train.lora_rank=4", "train.ckpt_every=2") == 0
+    run = data / "runs" / "resumed"
+    shutil.rmtree(run / "checkpoints" / "step_00000004")  # as if stopped after step 2
+    (run / "checkpoints" / "latest").write_text("step_00000002")
+    shutil.rmtree(run / "final")
+    assert _train(data, "resumed", "train.lora_rank=4", "train.ckpt_every=2", "--resume") == 0
+    a = load_file(str(data / "runs" / "straight" / "final" / "model.safetensors"))
+    b = load_file(str(run / "final" / "model.safetensors"))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_fsdp_lora_finetune_with_two_processes(data, tmp_path):
+    """torchrun, 2 ranks (gloo on the CPU), FSDP2 over the blocks, LoRA, MoE experts some steps leave unused."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    cfg = data / "fsdp.yaml"
+    cfg.write_text(YAML.replace("MODEL", MODEL).replace("INIT", str(data / "dit")).replace("ROOT", str(data)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "fsdp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "-m", "shapeflow", "train", str(cfg), "train.strategy=fsdp", "train.lora_rank=4", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tuned = load_file(str(out / "final" / "model.safetensors"))
+    base = load_dit(data / "dit")[0].state_dict()
+    assert set(tuned) == set(base)
+    assert not torch.equal(tuned["blocks.0.attn1.to_qkv.weight"], base["blocks.0.attn1.to_qkv.weight"])
+    assert torch.equal(tuned["blocks.0.norm1.weight"], base["blocks.0.norm1.weight"])
+    assert (out / "final" / "release" / "model.fp16.ckpt").is_file()

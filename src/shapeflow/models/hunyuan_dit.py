@@ -236,10 +236,13 @@ class MoEFeedForward(nn.Module):
         probs = self.gate(flat).softmax(dim=-1)  # (T, E)
         weight, index = probs.topk(self.top_k, dim=-1)  # (T, k)
         out = torch.zeros_like(flat)
+        grads = torch.is_grad_enabled()
         for e, expert in enumerate(self.experts):
             rows, slot = (index == e).nonzero(as_tuple=True)
-            if rows.numel() == 0:
+            if rows.numel() == 0 and not grads:
                 continue
+            # with gradients, an expert no token chose still runs (on 0 rows): its gradient is then 0, not
+            # None, so every data-parallel rank reduces the same tensors whatever its routing
             y = expert(flat[rows]) * weight[rows, slot, None].to(flat.dtype)
             out = out.index_add(0, rows, y.to(out.dtype))
         out = (out + self.shared(flat)).reshape(shape)

@@ -3,7 +3,8 @@
 * ``params``: parameter counts of the released configs, built on the meta device (no memory, seconds).
 * ``speed``: seconds per sampling step (one guided Euler step = one model call on a batch of 2: the
   conditional and the unconditional row, 1370 condition tokens) in float32 and bfloat16, and the peak resident
-  memory of the process; each (model, dtype) runs in its own subprocess so peaks do not mix. On a CPU the
+  memory of the process; ``amp`` keeps float32 weights under bfloat16 autocast (matmuls in bf16, attention in
+  float32 on the CPU, as training runs); each (model, dtype) runs in its own subprocess so peaks do not mix. On a CPU the
   large models take minutes per step: ``--steps 1`` is what fits a session.
 
 Usage::
@@ -36,7 +37,7 @@ MODELS = {
     "hunyuan2mini": (Hunyuan20DiT, "hunyuan2mini", 3072),
     "tiny": (Hunyuan21DiT, "tiny", 64),
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "amp": torch.float32}  # amp: fp32 weights, bf16 autocast
 
 
 def count_params() -> dict[str, int]:
@@ -72,7 +73,8 @@ def one(name: str, dtype: str, steps: int, device: str) -> dict:
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    with torch.inference_mode():
+    amp = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=dtype == "amp")
+    with torch.inference_mode(), amp:
         x = sample(timed, noise, steps=steps, method="euler", cond=cond, null_cond=null, cfg_scale=5.0)
     out = {"model": name, "dtype": dtype, "device": device, "params": model.num_params(), "tokens": tokens,
            "cond_tokens": c.cond_tokens, "build_s": round(build, 1), "steps": steps,

@@ -36,15 +36,16 @@ from torch import nn
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
          scale: float | None = None) -> torch.Tensor:
-    """``F.scaled_dot_product_attention``; in float32 on a CPU under autocast.
+    """``F.scaled_dot_product_attention``; in float32 on a CPU under autocast or for bf16 / fp16 inputs.
 
-    On CUDA this is SDPA as is (flash / memory-efficient kernels in bf16). On the CPU under autocast the
-    inputs are cast to float32 and autocast is suspended for the call; the result comes back in the
-    autocast dtype: on a CPU with AMX, bf16 linears with float32 attention beat both all-bf16 and all-float32
-    training steps of the tiny VecSet VAE.
+    On CUDA this is SDPA as is (flash / memory-efficient kernels in bf16). On the CPU under autocast (or with
+    half-precision inputs, e.g. a model cast to bf16 for inference) the inputs are cast to float32 and autocast
+    is suspended for the call; the result comes back in the autocast (input) dtype: on a CPU with AMX, bf16
+    linears with float32 attention beat both all-bf16 and all-float32 training steps of the tiny VecSet VAE.
     """
-    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        dtype = torch.get_autocast_dtype("cpu")
+    low = q.dtype in (torch.bfloat16, torch.float16)
+    if q.device.type == "cpu" and (torch.is_autocast_enabled("cpu") or low):
+        dtype = q.dtype if low else torch.get_autocast_dtype("cpu")
         if attn_mask is not None and attn_mask.dtype != torch.bool:
             attn_mask = attn_mask.float()  # an additive bias; a boolean mask stays boolean
         with torch.autocast("cpu", enabled=False):

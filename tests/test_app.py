@@ -242,7 +242,8 @@ def test_data_browsing_lists_status_failures_thumbnails_and_samples(app, prepare
     rows = app.data_objects(label)
     assert sorted(r["status"] for r in rows) == ["failed", "ok", "ok"]
     failed = next(r for r in rows if r["status"] == "failed")
-    assert failed["source"] == "broken.obj" and failed["error"]  # the manifest's one-line reason
+    assert failed["source"] == "broken.obj" and "broken.obj: cannot parse OBJ" in failed["error"]  # the reason
+    assert str(prepared.parent) not in failed["error"]
     thumbs = app.data_thumbnails(label)
     assert sorted(c for _, c in thumbs) == ["ball/ball_0.obj", "box/box_0.obj"]
     assert all(p.is_file() and p.is_relative_to(app.out) for p, _ in thumbs)

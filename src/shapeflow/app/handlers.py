@@ -615,9 +615,13 @@ class App:
     def data_objects(self, dataset: str) -> list[dict]:
         """The manifest of a preprocessed folder: ``{"id", "source", "status", "error"}`` per object."""
         root = self.catalog.dataset(dataset)
-        return [{"id": r.get("id") or "", "source": Path(str(r.get("source", ""))).name,
-                 "class": Path(str(r.get("source", ""))).parent.name, "status": r.get("status", "?"),
-                 "error": r.get("error") or ""} for r in read_manifest(root)]
+        rows = []
+        for r in read_manifest(root):
+            source = Path(str(r.get("source", "")))
+            error = str(r.get("error") or "").replace(str(source), source.name)  # the folder's paths stay private
+            rows.append({"id": r.get("id") or "", "source": source.name, "class": source.parent.name,
+                         "status": r.get("status", "?"), "error": error})
+        return rows
 
     def _data_dir(self, dataset: str) -> Path:
         root = self.catalog.dataset(dataset)
@@ -652,7 +656,8 @@ class App:
         if ids[oid]["status"] != "ok":
             raise AppError(f"{oid}: failed in preprocessing: {ids[oid]['error']}")
         obj = root / oid
-        names = ("surface points (coloured by normal)", "SDF slices x = 0, y = 0, z = 0 (blue inside)",
+        names = ("surface points (coloured by normal)",
+                 "SDF slices x = 0, y = 0, z = 0 (blue inside, red outside, black: the surface)",
                  "64^3 shell occupancy (projections along x, y, z)")
         paths = [self._data_dir(dataset) / f"{oid}_{k}.png" for k in ("surface", "sdf", "occupancy")]
         with self._data_lock:
@@ -708,9 +713,9 @@ def sdf_slices_picture(vertices: np.ndarray, faces: np.ndarray, size: int = 160)
         pts = np.zeros((size * size, 3))
         pts[:, a], pts[:, b] = uu.ravel(), vv.ravel()
         s = dist.signed_distance(pts).reshape(size, size)
-        t = np.clip(np.abs(s) / 0.5, 0, 1)[..., None]
-        inside = np.array([40, 90, 220.0]) * (1 - t) + 255 * t
-        outside = np.array([220, 60, 40.0]) * (1 - t) + 255 * t
+        t = np.sqrt(np.clip(np.abs(s) / 0.5, 0, 1))[..., None]  # white at the surface, saturated far from it
+        inside = 255 * (1 - t) + np.array([30, 80, 220.0]) * t
+        outside = 255 * (1 - t) + np.array([220, 60, 40.0]) * t
         img = np.where((s < 0)[..., None], inside, outside)
         img[np.abs(s) < 2 * BOUND / size] = 0
         tiles.append(img.astype(np.uint8))

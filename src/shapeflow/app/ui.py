@@ -87,7 +87,7 @@ def build(app: App, *, concurrency: int = 1) -> gr.Blocks:
                         method = gr.Radio(["euler", "heun", "midpoint"], value="heun", label="Sampler")
                         cfg = gr.Slider(1.0, 10.0, value=1.0, step=0.5, label="Guidance scale (1: none)")
                         resolution = gr.Slider(32, 384, value=128, step=32, label="Decoding resolution (VecSet)")
-                        tokens = gr.Number(None, precision=0, label="Latent tokens (empty: as trained)",
+                        tokens = gr.Number(0, precision=0, minimum=0, label="Latent tokens (0: as trained)",
                                            elem_id="tokens")
                         go = gr.Button("Generate", variant="primary", elem_id="generate-btn")
                     with gr.Column(scale=2):
@@ -96,8 +96,8 @@ def build(app: App, *, concurrency: int = 1) -> gr.Blocks:
                         status = gr.Markdown(elem_id="gen-status")
                         files = gr.File(label="Downloads (GLB, OBJ, PLY)", file_count="multiple",
                                         interactive=False, elem_id="gen-files")
-                        gallery = gr.Gallery(label="This session's results", columns=6, height=220,
-                                             elem_id="gen-gallery")
+                        gallery = gr.Gallery(label="This session's results", columns=6, height=200,
+                                             object_fit="contain", fit_columns=False, elem_id="gen-gallery")
                 history = gr.State([])
 
             # ---------------------------------------------------------------- Reconstruct
@@ -132,10 +132,12 @@ def build(app: App, *, concurrency: int = 1) -> gr.Blocks:
                     obj = gr.Dropdown([], label="Object (ok ones)", elem_id="data-object")
                 dsummary = gr.Markdown("No preprocessed folder found: start the app with --data DIR."
                                        if not datasets else "Pick a folder.", elem_id="data-summary")
-                thumbs = gr.Gallery(label="Objects", columns=8, height=300, elem_id="data-thumbs")
+                thumbs = gr.Gallery(label="Objects", columns=8, height=220, object_fit="contain", fit_columns=False,
+                                    elem_id="data-thumbs")
                 dtable = gr.Dataframe(headers=["id", "class", "source", "status", "error"], interactive=False,
                                       wrap=True, label="Manifest", elem_id="data-table")
-                pictures = gr.Gallery(label="Samples of the object", columns=3, height=300, elem_id="data-pictures")
+                pictures = gr.Gallery(label="Samples of the object", columns=3, height=320, object_fit="contain",
+                                      elem_id="data-pictures")
 
         # ------------------------------------------------------------------------ events
         @_visible_errors
@@ -215,4 +217,4 @@ def launch(app: App, *, host: str = "127.0.0.1", port: int = 7860, concurrency: 
     page.queue(default_concurrency_limit=concurrency, max_size=max_queue, api_open=False)
     page.launch(server_name=host, server_port=port, allowed_paths=[], max_file_size=int(max_upload_mb * 2**20),
                 share=False, inbrowser=False, show_error=False, ssr_mode=False, theme=THEME, quiet=True,
-                mcp_server=False, pwa=False)
+                mcp_server=False, pwa=False, run_history=False, footer_links=["gradio", "settings"])

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -203,3 +204,45 @@ def test_browser_requirements_message_names_what_is_missing(monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", "/nonexistent/chromium")
     reason = _requirements()
     assert reason is not None and ("/nonexistent/chromium" in reason or "not installed" in reason)
+
+
+def test_ten_queued_generations_through_the_server_each_get_their_own_output(server, tmp_path):
+    """Ten visitors (ten gradio clients, ten sessions) send a generation at once; the server's queue runs them
+    all, and each gets the shape of its own seed (the same mesh as the library makes for that seed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client
+
+    from shapeflow.app.handlers import App
+
+    def one(k: int):
+        client = Client(server["url"], verbose=False, download_files=str(tmp_path / f"client{k}"))
+        job = client.submit("shipped: vecset", "", "paired", ("mug", "lamp")[k % 2], None, 1, 300 + k, 4, "euler",
+                            1.0, 48, 0, api_name="/on_generate")
+        return job.result(timeout=240)
+
+    with ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(one, range(10)))
+    local = App(tmp_path / "local")
+    for k, (glb, message, downloads, gallery) in enumerate(results):
+        assert "1 shape(s) from" in message and len(downloads) == 3
+        assert gallery[0]["caption"] == f"{('mug', 'lamp')[k % 2]} #{300 + k}"
+        ref = local.generate("ref", "shipped: vecset", class_name=("mug", "lamp")[k % 2], seed=300 + k, steps=4,
+                             method="euler", resolution=48)
+        got, want = (trimesh.load(p, force="mesh", process=False) for p in (glb, ref.samples[0].files["glb"]))
+        assert len(got.faces) == len(want.faces) and abs(got.vertices - want.vertices).max() < 1e-5
+    sessions = list((server["root"] / "out" / "sessions").iterdir())
+    assert len(sessions) >= 10  # one folder per visitor (the browser test's visitor too)
+
+
+def test_the_server_hands_out_no_file_outside_its_output_folder(server):
+    root = server["root"]
+    probe = root / "out" / "probe.txt"  # the route works for the output folder...
+    probe.write_text("inside")
+    assert urllib.request.urlopen(f"{server['url']}gradio_api/file={probe}", timeout=10).read() == b"inside"
+    # ...and nothing else: not the data it browses, not its log, not system files, not via '..'
+    inside_data = next((root / "data" / "prep").rglob("watertight.ply"))
+    for path in ("/etc/passwd", str(inside_data), str(root / "app.log"), str(root / "out" / ".." / "app.log")):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{server['url']}gradio_api/file={path}", timeout=10)
+        assert e.value.code in (403, 404), path

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import trimesh
 
 from shapeflow import cli
@@ -124,6 +125,37 @@ def test_generation_with_a_found_checkpoint_and_a_chosen_vae(app):
     g = app.generate("visitor-a", label, vae=vae, class_name="chair", **FAST)
     ref = app.generate("visitor-a", "shipped: vecset", class_name="chair", **FAST)
     assert _mesh_digest(g.samples[0].files["glb"]) == _mesh_digest(ref.samples[0].files["glb"])
+
+
+def test_image_conditional_generation_with_a_local_image_encoder(tmp_path):
+    """An image-conditional DiT found under --runs (random weights: the path, not the shape, is tested) with a
+    local DINOv2 folder as the image encoder; the class list is empty and the image is required."""
+    from PIL import Image
+    from transformers import AutoModel, Dinov2Config
+
+    from shapeflow.models.dit import TokenDiT, TokenDiTConfig
+
+    torch.manual_seed(0)
+    AutoModel.from_config(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=64, patch_size=14, image_size=56)).save_pretrained(
+        tmp_path / "dino")
+    TokenDiT(TokenDiTConfig(in_channels=16, width=32, depth=1, heads=2, cond="image", cond_dim=32,
+                            num_tokens=64)).save_pretrained(tmp_path / "runs" / "image_dit")
+    img = np.zeros((64, 64, 4), np.uint8)
+    img[16:48, 20:44] = (200, 30, 30, 255)
+    Image.fromarray(img).save(tmp_path / "photo.png")
+    app = App(tmp_path / "out", runs=[tmp_path / "runs"], image_encoder=str(tmp_path / "dino"))
+    label = next(k for k in app.catalog.generators if "image_dit" in k)
+    assert app.generator_info(label) == {"cond": "image", "classes": [], "kind": "token_dit"}
+    with pytest.raises(AppError, match="no VAE is paired"):
+        app.generate("v", label, image=str(tmp_path / "photo.png"), **FAST)
+    with pytest.raises(AppError, match="image-conditional; upload an image"):
+        app.generate("v", label, vae="shipped: vecset", **FAST)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(AppError, match="broken.png: cannot read image"):
+        app.generate("v", label, vae="shipped: vecset", image=str(tmp_path / "broken.png"), **FAST)
+    g = app.generate("v", label, vae="shipped: vecset", image=str(tmp_path / "photo.png"), **FAST)
+    assert g.samples[0].label == "image" and g.samples[0].files["glb"].is_file()
 
 
 def test_generation_errors_are_one_readable_line(app, runs):

@@ -132,8 +132,12 @@ def test_generate_reconstruct_and_browse_in_chromium(server, browser_page, tmp_p
 
     # ---- generate: the shipped VecSet pair, class chair (preselected), 3D view, downloads, gallery
     page.fill("#seed input", "7")
+    page.fill("#steps input[type=number]", "60")
+    page.keyboard.press("Enter")
     t0 = time.perf_counter()
     page.click("#generate-btn")
+    # the progress bar follows the sampler step by step ("k/60 steps", from its tqdm bar)
+    page.wait_for_selector("#gen-view .progress-text:has-text('/60 steps')", timeout=60_000)
     page.wait_for_selector("#gen-view canvas", state="visible", timeout=60_000)
     page.wait_for_selector("#gen-files a", timeout=30_000)
     gen_s = time.perf_counter() - t0

@@ -420,8 +420,13 @@ class App:
     def _model(self, role: str, path: Path):
         loader = load_dit if role == "dit" else load_vae
         key = (role, str(Path(path).resolve()))
+
+        def load():
+            model, kind = loader(path)
+            return model.to(self.device).eval(), kind
+
         try:
-            model, kind, lock = self.models.get(key, lambda: loader(path))
+            model, kind, lock = self.models.get(key, load)
         except (CheckpointError, FileNotFoundError, ValueError) as e:
             raise AppError(f"{path}: cannot load ({_one_line(e)})") from None
         return model, kind, (key, lock)

@@ -202,8 +202,9 @@ def build(app: App, *, concurrency: int = 1) -> gr.Blocks:
         rescan.click(on_rescan, None, [generator, vae, rvae, dataset])
         go.click(on_generate, [generator, dit_path, vae, class_name, image, num, seed, steps, method, cfg,
                                resolution, tokens, history], [view, status, files, gallery, history],
-                 **model_events)
-        rgo.click(on_reconstruct, [upload, rvae, rres, pres], [wview, rview, rtable, rfiles], **model_events)
+                 show_progress_on=view, **model_events)
+        rgo.click(on_reconstruct, [upload, rvae, rres, pres], [wview, rview, rtable, rfiles],
+                  show_progress_on=[wview, rview], **model_events)
         dataset.change(on_dataset, [dataset], [dsummary, thumbs, dtable, obj], concurrency_limit=2,
                        concurrency_id="data")
         obj.change(on_object, [dataset, obj], [pictures], concurrency_limit=2, concurrency_id="data")

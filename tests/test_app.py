@@ -299,9 +299,16 @@ def test_data_browsing_lists_status_failures_thumbnails_and_samples(app, prepare
 # ------------------------------------------------------------------------------------------- command
 
 
-def test_app_command_loopback_check():
+def test_app_command_warns_off_loopback_and_refuses_bad_settings(capsys):
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5") and not is_loopback("example.org")
+    assert cli.main(["app", "--host", "0.0.0.0", "--port", "70000"]) == 2  # refused before anything starts
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "WARNING: listening on 0.0.0.0: the app has no authentication" in err[0]
+    assert err[1] == "shapeflow app: error: --port 70000: not a port number"
+    assert cli.main(["app", "--concurrency", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "shapeflow app: error: --concurrency must be >= 1"  # loopback by default: no warning
 
 
 def test_shipped_checkpoints_are_in_the_catalog_by_their_kind():

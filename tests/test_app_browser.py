@@ -196,6 +196,19 @@ def test_generate_reconstruct_and_browse_in_chromium(server, browser_page, tmp_p
     page.wait_for_timeout(300)
     _screenshot(page, server, "data")
 
+    # ---- errors a visitor causes are one line in the page: a checkpoint outside --runs, an empty generation
+    page.get_by_role("tab", name="Generate").click()
+    page.get_by_text("Other checkpoints").click()
+    page.locator("#dit-path textarea, #dit-path input").first.fill("/etc/passwd")
+    page.keyboard.press("Enter")
+    page.get_by_text("/etc/passwd: not under the app's checkpoint folders (--runs)").first.wait_for(timeout=20_000)
+    page.locator("#dit-path textarea, #dit-path input").first.fill("")
+    page.fill("#tokens input", "1")
+    page.fill("#steps input[type=number]", "1")
+    page.keyboard.press("Enter")
+    page.click("#generate-btn")
+    page.get_by_text("no shape came out: no sample has a surface").first.wait_for(timeout=30_000)
+
     problems = [p for p in problems if not KNOWN_CONSOLE_ERROR.match(p)]
     assert not problems, "browser console:\n" + "\n".join(problems)
     (server["root"] / "timings.txt").write_text(

@@ -54,6 +54,9 @@ def is_loopback(host: str) -> bool:
 def run(args: argparse.Namespace) -> int:
     from shapeflow.app import configure_environment  # gradio reads its folders at import: set them first
 
+    if not is_loopback(args.host):
+        print(f"shapeflow app: WARNING: listening on {args.host}: the app has no authentication; anyone who can "
+              "reach this port can run models and upload files", file=sys.stderr)
     if args.port < 0 or args.port > 65535:
         raise ValueError(f"--port {args.port}: not a port number")
     if args.concurrency < 1:
@@ -65,9 +68,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"the web app needs gradio: pip install -e \".[app]\" ({e})") from None
     from shapeflow.app.handlers import App
 
-    if not is_loopback(args.host):
-        print(f"shapeflow app: WARNING: listening on {args.host}: the app has no authentication; anyone who can "
-              "reach this port can run models and upload files", file=sys.stderr)
     app = App(args.out, runs=args.runs, data=args.data, max_upload_mb=args.max_upload_mb,
               image_encoder=args.image_encoder, device=args.device)
     print(f"shapeflow app: http://{args.host}:{args.port} (outputs in {app.out}; {len(app.catalog.generators)} "

@@ -109,8 +109,9 @@ def build(app: App, *, concurrency: int = 1) -> gr.Blocks:
                                          elem_id="recon-upload")
                         rvae = gr.Dropdown(vaes, value="shipped: sparse" if "shipped: sparse" in vaes else vaes[0],
                                            label="VAE", elem_id="recon-vae")
-                        rres = gr.Slider(64, 512, value=256, step=64, label="Decoding resolution")
-                        pres = gr.Slider(64, 512, value=256, step=64, label="Watertight resolution of the input")
+                        rres = gr.Slider(64, 512, value=256, step=64, label="Decoding resolution", elem_id="recon-res")
+                        pres = gr.Slider(64, 512, value=256, step=64, label="Watertight resolution of the input",
+                                         elem_id="recon-prep-res")
                         rgo = gr.Button("Reconstruct", variant="primary", elem_id="recon-btn")
                         rtable = gr.Dataframe(headers=["", "value"], label="Metrics and times",
                                               interactive=False, elem_id="recon-metrics")

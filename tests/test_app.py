@@ -154,6 +154,9 @@ def test_image_conditional_generation_with_a_local_image_encoder(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(AppError, match="broken.png: cannot read image"):
         app.generate("v", label, vae="shipped: vecset", image=str(tmp_path / "broken.png"), **FAST)
+    missing = App(tmp_path / "out2", runs=[tmp_path / "runs"], image_encoder=str(tmp_path / "no_such_dino"))
+    with pytest.raises(AppError, match="no_such_dino: cannot load"):
+        missing.generate("v", label, vae="shipped: vecset", image=str(tmp_path / "photo.png"), **FAST)
     g = app.generate("v", label, vae="shipped: vecset", image=str(tmp_path / "photo.png"), **FAST)
     assert g.samples[0].label == "image" and g.samples[0].files["glb"].is_file()
 

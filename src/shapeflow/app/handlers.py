@@ -543,8 +543,12 @@ class App:
                 img = np.asarray(Image.open(image).convert("RGBA"))
             except OSError as e:
                 raise AppError(f"{Path(image).name}: cannot read image ({_one_line(e)})") from None
-            encoder, _, lock = self.models.get(("image", self.image_encoder), lambda: (
-                ImageConditioner.from_pretrained(self.image_encoder).to(self.device), "image_encoder"))
+            try:
+                encoder, _, lock = self.models.get(("image", self.image_encoder), lambda: (
+                    ImageConditioner.from_pretrained(self.image_encoder).to(self.device), "image_encoder"))
+            except (ImportError, OSError, ValueError) as e:  # no transformers, no such folder, offline hub
+                raise AppError(f"image encoder {self.image_encoder}: cannot load ({_one_line(e)}); start the app "
+                               "with --image-encoder DIR (a local DINOv2 folder) and the image extra") from None
             with lock:
                 try:
                     tokens = encoder.encode_images([img])

@@ -1,5 +1,7 @@
 # Quick start: `make demo` (main job) and `make test` (test suite: lint + every test). Both create .venv
 # and install first. `make check` is the edit loop: lint + the tests not marked slow (about a minute).
+# `make test` and `make check` also install the web app's extra (gradio, playwright); `make test` installs
+# Debian's Chromium for the browser test where it can (root + apt-get), else that test skips with the reason.
 #
 # The CPU build of torch is installed by default so a fresh machine does not pull a multi-GB CUDA build:
 # a wheel of that version already on disk (pip's find-links) is used first, else PyTorch's CPU index.
@@ -17,9 +19,11 @@ PYTEST_ARGS ?=
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamp-installed
+APP_STAMP := $(VENV)/.stamp-app
+CHROMIUM ?= /usr/bin/chromium
 TORCH_SPEC := $(VENV)/.torch-spec
 
-.PHONY: setup demo test check lint clean FORCE
+.PHONY: setup demo test check lint browser clean FORCE
 
 setup: $(STAMP)
 
@@ -43,16 +47,30 @@ endif
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
+# the app extra (gradio; playwright drives the system Chromium, it never downloads a browser); not for demo
+$(APP_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev,app]"
+	touch $@
+
+# Debian's chromium for tests/test_app_browser.py, when missing and installable (root with apt-get)
+browser:
+	@test -x "$(CHROMIUM)" || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing Debian's chromium for the browser test"; \
+			{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+				|| echo "could not install chromium: the browser test will skip"; \
+		else echo "no $(CHROMIUM) (and not root with apt-get): the browser test will skip"; fi; }
+
 demo: setup
 	$(BIN)/shapeflow demo $(DEMO_OUT) $(DEMO_ARGS)
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
 
-test: lint
+test: lint $(APP_STAMP) browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-check: lint
+check: lint $(APP_STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 clean:

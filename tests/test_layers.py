@@ -9,7 +9,7 @@ Layers, lowest first (a module may import its own layer and the ones below):
 3. models    ``models/*``
 4. data      ``data/*``, ``decode``
 5. train     ``train/*``
-6. app       ``generate``, ``evaluate``, ``demo``
+6. app       ``generate``, ``evaluate``, ``demo``, ``app/*`` (the web app)
 7. cli       ``cli``, ``commands/*``, ``__main__``
 
 Imports inside functions are allowed for shapeflow modules only in the cli layer (they keep
@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("shapeflow.models",)),
     ("data", ("shapeflow.data", "shapeflow.decode")),
     ("train", ("shapeflow.train",)),
-    ("app", ("shapeflow.generate", "shapeflow.evaluate", "shapeflow.demo")),
+    ("app", ("shapeflow.generate", "shapeflow.evaluate", "shapeflow.demo", "shapeflow.app")),
     ("cli", ("shapeflow.cli", "shapeflow.commands", "shapeflow.__main__")),
 ]
 

@@ -5,6 +5,7 @@ Examples (CPU, tiny models; the same commands run on GPUs)::
     shapeflow synth data/synth --per-class 8 --seed 0
     shapeflow preprocess data/synth data/prep --workers 2
     shapeflow preprocess meshes.txt data/prep --shard 3/16          # one task of a 16-way job array
+    shapeflow app                                                   # the web app at http://127.0.0.1:7860
 
 Each subcommand lives in :mod:`shapeflow.commands` and is a thin wrapper over library functions.
 """
@@ -15,9 +16,9 @@ import argparse
 import logging
 import sys
 
-from shapeflow.commands import demo, encode_latents, eval_vae, generate, preprocess, reconstruct, synth, train
+from shapeflow.commands import app, demo, encode_latents, eval_vae, generate, preprocess, reconstruct, synth, train
 
-COMMANDS = [demo, synth, preprocess, train, reconstruct, eval_vae, encode_latents, generate]
+COMMANDS = [demo, synth, preprocess, train, reconstruct, eval_vae, encode_latents, generate, app]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -317,3 +317,28 @@ def test_app_command_warns_off_loopback_and_refuses_bad_settings(capsys):
 def test_shipped_checkpoints_are_in_the_catalog_by_their_kind():
     for name, p in PIPELINES.items():
         assert read_config(p["dit"])["kind"].endswith("dit"), name
+
+
+def test_hunyuan_release_folders_generate_from_an_image_with_their_own_encoder(tmp_path):
+    """Released Hunyuan3D folders under --runs (tiny, random weights): the DiT folder is a generator (not the
+    VAE it bundles), the image goes through the release's DINOv2 and recipe, latent tokens default to the VAE's
+    count, and an alpha-less photo is a one-line message."""
+    from PIL import Image
+    from test_hunyuan_dit import _release_pair, _rgba_object
+
+    dit, vae = _release_pair(tmp_path / "runs")
+    app = App(tmp_path / "out", runs=[tmp_path / "runs"])
+    label = next(k for k in app.catalog.generators if "runs/dit" in k)
+    vae_label = next(k for k in app.catalog.vaes if "runs/vae" in k)
+    assert app.generator_info(label)["kind"] == "hunyuan21_dit"
+    Image.fromarray(_rgba_object(), mode="RGBA").save(tmp_path / "photo.png")
+    try:
+        g = app.generate("v", label, vae=vae_label, image=str(tmp_path / "photo.png"), steps=2, method="euler",
+                         cfg=5.0, resolution=32)
+        assert g.settings["num_tokens"] == 32 and g.samples[0].files["glb"].is_file()
+    except AppError as e:  # random weights may decode no surface: then the message says so
+        assert "no shape came out" in str(e)
+    rgb = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "shot.jpg")
+    with pytest.raises(AppError, match=r"^shot\.jpg: no alpha channel"):
+        app.generate("v", label, vae=vae_label, image=str(tmp_path / "shot.jpg"), steps=1, resolution=32)

@@ -42,12 +42,13 @@ from shapeflow.checkpoint import CheckpointError
 from shapeflow.data import format as fmt
 from shapeflow.data.preprocess import MANIFEST, PreprocessConfig, process_object, read_manifest
 from shapeflow.evaluate import reconstruct_object
-from shapeflow.generate import PIPELINES, SHIPPED_VAES, generate
+from shapeflow.generate import PIPELINES, SHIPPED_VAES, check_token_pair, generate
 from shapeflow.geometry.distance import MeshDistance
 from shapeflow.geometry.frame import BOUND
 from shapeflow.geometry.io import load_mesh, save_mesh
-from shapeflow.models import DIT_KINDS, VAE_KINDS, load_dit, load_vae, model_kind
+from shapeflow.models import DIT_KINDS, TOKEN_DIT_KINDS, VAE_KINDS, load_dit, load_vae, model_kind
 from shapeflow.models.conditioning import ImageConditioner
+from shapeflow.models.pretrained.hunyuan_dit import is_release, release_conditioner
 from shapeflow.render import image_grid, render_mesh, save_png
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ class Catalog:
                                "else")
             if c.exists():
                 try:
-                    kind = model_kind(c)
+                    kind = model_kind(c, roles)
                 except (CheckpointError, FileNotFoundError, ValueError) as e:
                     raise AppError(f"{text}: not a checkpoint the app can load ({_one_line(e)})") from None
                 if kind not in roles and not (roles == DIT_KINDS and kind.endswith("dit")):
@@ -193,7 +194,7 @@ def _label(d: Path, root: Path) -> str:
 
 def _kind_or_none(d: Path) -> str | None:
     try:
-        return model_kind(d)
+        return model_kind(d, DIT_KINDS)  # a Hunyuan3D DiT folder (which also bundles a VAE) is a generator
     except (CheckpointError, FileNotFoundError, ValueError, OSError, KeyError):
         return None
 
@@ -485,6 +486,13 @@ class App:
             s_dit, _, s_lock = self._model("dit", parts[0])
             s_vae, _, s_vae_lock = self._model("vae", parts[1])
             structure, locks = (s_dit, s_vae), locks + [s_lock, s_vae_lock]
+        if dit_kind in TOKEN_DIT_KINDS and vae_kind == "vecset_vae":
+            try:
+                check_token_pair(dit, gen.dit, vae_model, gen.vae)
+            except ValueError as e:
+                raise AppError(_one_line(e)) from None
+            if num_tokens is None and is_release(gen.dit):
+                num_tokens = vae_model.config.num_tokens  # the reference samples the VAE's latent shape
         cond, labels = self._condition(dit, gen, class_name, image, int(num))
         folder = self.request_dir(session, "generate")
         t0 = time.perf_counter()
@@ -540,20 +548,25 @@ class App:
             if not image:
                 raise AppError(f"{gen.label}: image-conditional; upload an image")
             try:
-                img = np.asarray(Image.open(image).convert("RGBA"))
+                with Image.open(image) as im:
+                    img = np.asarray(im.convert("RGBA") if im.mode in ("RGBA", "LA", "P", "PA") else im.convert("RGB"))
             except OSError as e:
                 raise AppError(f"{Path(image).name}: cannot read image ({_one_line(e)})") from None
+            released = is_release(gen.dit)  # a Hunyuan3D release brings its own DINOv2 and image recipe
+            name = str(gen.dit) if released else self.image_encoder
             try:
-                encoder, _, lock = self.models.get(("image", self.image_encoder), lambda: (
-                    ImageConditioner.from_pretrained(self.image_encoder).to(self.device), "image_encoder"))
+                encoder, _, lock = self.models.get(("image", name), lambda: (
+                    (release_conditioner(gen.dit) if released else
+                     ImageConditioner.from_pretrained(self.image_encoder)).to(self.device), "image_encoder"))
             except (ImportError, OSError, ValueError) as e:  # no transformers, no such folder, offline hub
-                raise AppError(f"image encoder {self.image_encoder}: cannot load ({_one_line(e)}); start the app "
+                raise AppError(f"image encoder {name}: cannot load ({_one_line(e)}); start the app "
                                "with --image-encoder DIR (a local DINOv2 folder) and the image extra") from None
             with lock:
                 try:
-                    tokens = encoder.encode_images([img])
+                    pixels = encoder.preprocess([img], source=Path(image).name)
+                    tokens = encoder(pixels.to(self.device))
                 except (OSError, ValueError) as e:
-                    raise AppError(f"image encoder {self.image_encoder}: {_one_line(e)}") from None
+                    raise AppError(_one_line(e)) from None
             return tokens.expand(num, -1, -1).contiguous(), ["image"] * num
         return None, [""] * num
 

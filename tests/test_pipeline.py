@@ -504,16 +504,15 @@ def test_generate_cli_image_conditioned_offline(root, vecset_run, tmp_path):
     assert p.returncode == (0 if all(meta["files"]) else 1), p.stderr[-3000:]
     assert len(meta["files"]) == 2 and (tmp_path / "out" / "preview.png").is_file()
     # the image decides the tokens, so a different image gives different shapes
-    from shapeflow.commands.generate import _image_tokens
-    from shapeflow.generate import generate
+    from shapeflow.generate import generate, image_tokens
 
     pair = _load_pair(dit_dir, vecset_run)
     img2 = img.copy()
     img2[10:50, 12:36] = (30, 200, 90, 255)
     img2[20:30, 12:20, 3] = 0
     Image.fromarray(img2, "RGBA").save(tmp_path / "img2.png")
-    t1 = _image_tokens(str(tmp_path / "img.png"), str(encoder), 2, "cpu")
-    t2 = _image_tokens(str(tmp_path / "img2.png"), str(encoder), 2, "cpu")
+    t1 = image_tokens(tmp_path / "img.png", encoder=str(encoder), num=2)
+    t2 = image_tokens(tmp_path / "img2.png", encoder=str(encoder), num=2)
     assert t1.shape == (2, 37 * 37, 32) and not torch.allclose(t1, t2)
     z1 = generate(num=2, cond=t1, steps=2, decode=False, **pair).latents
     z1b = generate(num=2, cond=t1, steps=2, decode=False, **pair).latents

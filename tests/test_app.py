@@ -146,7 +146,7 @@ def test_image_conditional_generation_with_a_local_image_encoder(tmp_path):
     Image.fromarray(img).save(tmp_path / "photo.png")
     app = App(tmp_path / "out", runs=[tmp_path / "runs"], image_encoder=str(tmp_path / "dino"))
     label = next(k for k in app.catalog.generators if "image_dit" in k)
-    assert app.generator_info(label) == {"cond": "image", "classes": [], "kind": "token_dit"}
+    assert app.generator_info(label) == {"cond": "image", "classes": [], "kind": "token_dit", "sampler": None}
     with pytest.raises(AppError, match="no VAE is paired"):
         app.generate("v", label, image=str(tmp_path / "photo.png"), **FAST)
     with pytest.raises(AppError, match="image-conditional; upload an image"):
@@ -330,7 +330,8 @@ def test_hunyuan_release_folders_generate_from_an_image_with_their_own_encoder(t
     app = App(tmp_path / "out", runs=[tmp_path / "runs"])
     label = next(k for k in app.catalog.generators if "runs/dit" in k)
     vae_label = next(k for k in app.catalog.vaes if "runs/vae" in k)
-    assert app.generator_info(label)["kind"] == "hunyuan21_dit"
+    info = app.generator_info(label)
+    assert info["kind"] == "hunyuan21_dit" and info["sampler"] == {"steps": 49, "method": "euler", "cfg": 5.0}
     Image.fromarray(_rgba_object(), mode="RGBA").save(tmp_path / "photo.png")
     try:
         g = app.generate("v", label, vae=vae_label, image=str(tmp_path / "photo.png"), steps=2, method="euler",

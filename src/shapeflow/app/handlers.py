@@ -48,7 +48,7 @@ from shapeflow.geometry.frame import BOUND
 from shapeflow.geometry.io import load_mesh, save_mesh
 from shapeflow.models import DIT_KINDS, TOKEN_DIT_KINDS, VAE_KINDS, load_dit, load_vae, model_kind
 from shapeflow.models.conditioning import ImageConditioner
-from shapeflow.models.pretrained.hunyuan_dit import is_release, release_conditioner
+from shapeflow.models.pretrained.hunyuan_dit import HUNYUAN_SAMPLER, is_release, release_conditioner
 from shapeflow.render import image_grid, render_mesh, save_png
 
 log = logging.getLogger(__name__)
@@ -449,11 +449,16 @@ class App:
         return gen
 
     def generator_info(self, choice: str, dit_path: str = "") -> dict:
-        """What the page needs to show for a generator: its condition (``class`` / ``image`` / none) and
-        class names."""
+        """What the page needs to show for a generator: its condition (``class`` / ``image`` / none), class
+        names, and for a released Hunyuan3D DiT the reference pipeline's sampler settings (else None)."""
         gen = self.generator(choice, dit_path)
         dit, kind, _ = self._model("dit", gen.dit)
-        return {"cond": dit.config.cond, "classes": list(getattr(dit.config, "classes", ()) or ()), "kind": kind}
+        sampler = None
+        if is_release(gen.dit):
+            sampler = {"steps": HUNYUAN_SAMPLER["steps"], "method": HUNYUAN_SAMPLER["method"],
+                       "cfg": HUNYUAN_SAMPLER["cfg_scale"]}
+        return {"cond": dit.config.cond, "classes": list(getattr(dit.config, "classes", ()) or ()), "kind": kind,
+                "sampler": sampler}
 
     # -- generation -----------------------------------------------------------------------------
 

@@ -145,9 +145,13 @@ def build(app: App, *, concurrency: int = 1) -> gr.Blocks:
         def on_generator(choice, path):
             info = app.generator_info(choice, path)
             classes = info["classes"]
+            s = info["sampler"] or {}  # a released generator's own defaults (Hunyuan3D: 49 Euler steps, cfg 5)
             return (gr.update(choices=classes, value=classes[0] if classes else None,
                               visible=info["cond"] == "class"),
-                    gr.update(visible=info["cond"] == "image"))
+                    gr.update(visible=info["cond"] == "image"),
+                    gr.update(value=s["steps"]) if s else gr.update(),
+                    gr.update(value=s["method"]) if s else gr.update(),
+                    gr.update(value=s["cfg"]) if s else gr.update())
 
         @_visible_errors
         def on_rescan():
@@ -198,8 +202,8 @@ def build(app: App, *, concurrency: int = 1) -> gr.Blocks:
                 return []
             return [(str(p), c) for p, c in app.data_pictures(label, oid)]
 
-        generator.change(on_generator, [generator, dit_path], [class_name, image])
-        dit_path.submit(on_generator, [generator, dit_path], [class_name, image])
+        generator.change(on_generator, [generator, dit_path], [class_name, image, steps, method, cfg])
+        dit_path.submit(on_generator, [generator, dit_path], [class_name, image, steps, method, cfg])
         rescan.click(on_rescan, None, [generator, vae, rvae, dataset])
         go.click(on_generate, [generator, dit_path, vae, class_name, image, num, seed, steps, method, cfg,
                                resolution, tokens, history], [view, status, files, gallery, history],

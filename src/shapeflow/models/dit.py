@@ -181,6 +181,17 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1.0 + scale) + shift
 
 
+def time_input(t, x: torch.Tensor) -> torch.Tensor:
+    """Flow time as a DiT takes it: ``(b,)`` on ``x``'s device, float32 (float64 for float64 latents); a
+    scalar is broadcast over the batch ``x.shape[0]``."""
+    t = torch.as_tensor(t, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+    if t.ndim == 0:
+        t = t.expand(x.shape[0])
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"t must be a scalar or of shape ({x.shape[0]},), got {tuple(t.shape)}")
+    return t
+
+
 class DiTBlock(nn.Module):
     """adaLN-modulated self-attention, optional cross-attention, adaLN-modulated MLP.
 
@@ -283,14 +294,6 @@ class DiTBase(Pretrained, nn.Module):
         self.register_buffer("latent_std", torch.ones(cfg.in_channels), persistent=True)
 
     # -- pieces of forward ----------------------------------------------------------------------
-
-    def _time(self, t, x: torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"t must be a scalar or of shape ({x.shape[0]},), got {tuple(t.shape)}")
-        return t
 
     def _condition(self, c: torch.Tensor, cond, batch: int):
         """Return ``(c, context)``: the adaLN vector (b, C) and the cross-attention tokens or None."""
@@ -444,7 +447,7 @@ class TokenDiT(DiTBase):
             raise ValueError(f"TokenDiT expects (b, m, {self.config.in_channels}) latents, "
                              f"got {tuple(x.shape)}")
         h = self.input_layer(x)  # (b, m, C)
-        h = self._trunk(h, self._time(t, x), cond)
+        h = self._trunk(h, time_input(t, x), cond)
         return self.out_layer(h)  # (b, m, c)
 
 
@@ -493,6 +496,6 @@ class GridDiT(DiTBase):
                              f"got {tuple(x.shape)}")
         h = patchify_3d(x, cfg.patch_size, tokens=True)  # (b, n, c p^3)
         h = self.input_layer(h) + self.pos_emb[None].to(h.dtype)  # (b, n, C)
-        h = self._trunk(h, self._time(t, x), cond)
+        h = self._trunk(h, time_input(t, x), cond)
         h = self.out_layer(h)  # (b, n, c p^3)
         return unpatchify_3d(h, cfg.patch_size, grid=(r, r, r))  # (b, c, r, r, r)

@@ -53,7 +53,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from shapeflow.checkpoint import Pretrained
-from shapeflow.models.dit import LongSkip
+from shapeflow.models.dit import LongSkip, time_input
 from shapeflow.models.pretrained import hunyuan_dit as release
 from shapeflow.nn.attention import MLP, Attention, make_qk_norm, sdpa
 from shapeflow.nn.embeddings import TimestepEmbedder
@@ -148,13 +148,19 @@ class _HunyuanDiT(Pretrained, nn.Module):
 
     config: Any
 
-    def _time(self, t, x: torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(t, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"t must be a scalar or of shape ({x.shape[0]},), got {tuple(t.shape)}")
-        return t
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self._grad_checkpointing = config.gradient_checkpointing
+        self.input_layer = nn.Linear(config.in_channels, config.width)
+
+    def _init_linears(self) -> None:
+        """Xavier weights and zero biases on every linear layer (the families then zero their own outputs)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def _check(self, x: torch.Tensor, cond) -> None:
         c = self.config
@@ -289,11 +295,8 @@ class Hunyuan21DiT(_HunyuanDiT):
     releases = (release.FORMAT_21,)
 
     def __init__(self, config: Hunyuan21DiTConfig = Hunyuan21DiTConfig()):
-        super().__init__()
-        self.config = cfg = config
-        C = cfg.width
-        self._grad_checkpointing = cfg.gradient_checkpointing
-        self.input_layer = nn.Linear(cfg.in_channels, C)
+        super().__init__(config)
+        cfg, C = config, config.width
         self.t_embedder = TimestepEmbedder(C, freq_dim=C, time_scale=1.0, hidden=4 * C, activation="gelu")
         half = cfg.depth // 2
         self.blocks = nn.ModuleList([
@@ -304,11 +307,7 @@ class Hunyuan21DiT(_HunyuanDiT):
 
     def init_weights(self) -> None:
         """Xavier linears, zero biases, N(0, 0.02) time MLP, zero output layer (a fresh model predicts 0)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        self._init_linears()
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         nn.init.zeros_(self.out_layer.weight)
@@ -317,7 +316,7 @@ class Hunyuan21DiT(_HunyuanDiT):
     def forward(self, x: torch.Tensor, t: torch.Tensor | float, cond=None) -> torch.Tensor:
         """x: (b, m, c) latents, t: (b,) or scalar in [0, 1], cond: (b, l, cond_dim) -> velocity (b, m, c)."""
         self._check(x, cond)
-        t = self._time(t, x)
+        t = time_input(t, x)
         h = torch.cat([self.t_embedder(t)[:, None, :], self.input_layer(x)], dim=1)  # (b, 1 + m, C)
         half = len(self.blocks) // 2
         stack: list[torch.Tensor] = []
@@ -410,11 +409,8 @@ class Hunyuan20DiT(_HunyuanDiT):
     releases = (release.FORMAT_20,)
 
     def __init__(self, config: Hunyuan20DiTConfig = Hunyuan20DiTConfig()):
-        super().__init__()
-        self.config = cfg = config
-        C = cfg.width
-        self._grad_checkpointing = cfg.gradient_checkpointing
-        self.input_layer = nn.Linear(cfg.in_channels, C)
+        super().__init__(config)
+        cfg, C = config, config.width
         self.t_embedder = TimestepEmbedder(C)  # sinusoid of 1000 t, [cos, sin], as Hunyuan3D-2.0
         self.guidance_embedder = TimestepEmbedder(C) if cfg.guidance_embed else None
         self.cond_layer = nn.Linear(cfg.cond_dim, C)
@@ -428,11 +424,7 @@ class Hunyuan20DiT(_HunyuanDiT):
 
     def init_weights(self) -> None:
         """Xavier linears, zero biases; modulations and the output layer start at zero (adaLN-Zero)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        self._init_linears()
         for m in self.modules():
             if isinstance(m, Modulation):
                 nn.init.zeros_(m.lin.weight)
@@ -444,13 +436,13 @@ class Hunyuan20DiT(_HunyuanDiT):
         """x: (b, m, c), t: (b,) or scalar in [0, 1], cond: (b, l, cond_dim) -> velocity (b, m, c).
         ``guidance``: the guidance scale of a guidance-distilled release (``config.guidance_embed``)."""
         self._check(x, cond)
-        t = self._time(t, x)
+        t = time_input(t, x)
         h = self.input_layer(x)
         vec = self.t_embedder(t)  # (b, C)
         if self.guidance_embedder is not None:
             if guidance is None:
                 raise ValueError("this guidance-distilled DiT needs the guidance scale (guidance=...)")
-            vec = vec + self.guidance_embedder(self._time(guidance, x))
+            vec = vec + self.guidance_embedder(time_input(guidance, x))
         c = self.cond_layer(cond)
         for block in self.double_blocks:
             h, c = self._run(block, h, c, vec)

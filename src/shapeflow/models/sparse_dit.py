@@ -42,7 +42,7 @@ from typing import ClassVar, Sequence
 import torch
 from torch import nn
 
-from shapeflow.models.dit import DiTConfig, DiTBase
+from shapeflow.models.dit import DiTBase, DiTConfig, time_input
 from shapeflow.nn.embeddings import sincos_3d_embedding
 
 
@@ -219,7 +219,7 @@ class SparseDiT(DiTBase):
         lengths = real.sum(1)
         if not torch.equal(real, torch.arange(n, device=real.device)[None] < lengths[:, None]):
             raise ValueError("SparseDiT: each row's real tokens must come first, then padding (as pack writes them)")
-        h = self._trunk(h, self._time(t, x), cond, lengths=lengths.tolist())
+        h = self._trunk(h, time_input(t, x), cond, lengths=lengths.tolist())
         return self.out_layer(h).view_as(x) * present
 
 

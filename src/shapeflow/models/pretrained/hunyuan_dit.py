@@ -30,10 +30,11 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from shapeflow.checkpoint import Release, ReleaseFormat, load_state_dict_strict, write_dir
 from shapeflow.models.conditioning import ImageConditioner, ImageConditionerConfig
@@ -42,7 +43,7 @@ from shapeflow.models.pretrained.hunyuan_vae import _read_yaml, _weights_file
 log = logging.getLogger(__name__)
 
 __all__ = ["FORMAT_21", "FORMAT_20", "RENAMES_21", "RENAMES_20", "ReleaseSettings", "read_group", "convert_21",
-           "convert_20", "export_release", "release_settings", "release_conditioner", "is_release",
+           "convert_20", "export_release", "release_settings", "release_conditioner", "is_release", "read_groups",
            "HUNYUAN_SAMPLER"]
 
 #: The reference pipeline's defaults (``Hunyuan3DDiTFlowMatchingPipeline.__call__``): 50 model calls on
@@ -157,26 +158,43 @@ def is_release(path) -> bool:
     return target.endswith("HunYuanDiTPlain") or target.endswith("Hunyuan3DDiT")
 
 
-def read_group(path: Path, group: str) -> dict[str, torch.Tensor]:
-    """One group (``model``, ``vae`` or ``conditioner``) of a release folder's weights, as stored (fp16)."""
+GROUPS = ("model", "vae", "conditioner")
+
+
+def read_groups(path: Path, groups: tuple[str, ...] = GROUPS) -> dict[str, dict[str, torch.Tensor]]:
+    """Groups (``model``, ``vae``, ``conditioner``) of a release folder's weights, as stored (fp16), from one
+    read of the file. Only the asked-for tensors are read: ``safe_open`` for ``.safetensors``, a memory-mapped
+    ``torch.load`` for ``.ckpt`` (a 2.1 checkpoint is 7 GB; its conditioner alone is 0.6 GB)."""
     wfile = _weights_file(path)
     if wfile.suffix == ".safetensors":
         try:
-            flat = load_file(str(wfile))
+            with safe_open(str(wfile), framework="pt") as f:
+                return {g: {k[len(g) + 1:]: f.get_tensor(k) for k in f.keys() if k.startswith(g + ".")}
+                        for g in groups}
         except Exception as err:  # safetensors raises its own error types
             raise ValueError(f"{wfile}: not a readable safetensors file ({err})") from None
-        return {k[len(group) + 1:]: v for k, v in flat.items() if k.startswith(group + ".")}
     try:
-        obj = torch.load(wfile, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(wfile, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a legacy (non-zip) torch.save file cannot be memory-mapped
+            obj = torch.load(wfile, map_location="cpu", weights_only=True)
     except Exception as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"{wfile}: not a readable torch checkpoint ({first})") from None
-    if not isinstance(obj, dict) or not isinstance(obj.get(group, {}), dict):
-        raise ValueError(f"{wfile}: expected a dict with a {group!r} state dict (torch.save of model/vae/conditioner)")
-    sd = obj.get(group, {})
-    if not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{wfile}: the {group!r} group is not a state dict of tensors")
-    return dict(sd)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{wfile}: expected a dict of state dicts (torch.save of model/vae/conditioner)")
+    out = {}
+    for g in groups:
+        sd = obj.get(g, {})
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise ValueError(f"{wfile}: the {g!r} group is not a state dict of tensors")
+        out[g] = dict(sd)
+    return out
+
+
+def read_group(path: Path, group: str) -> dict[str, torch.Tensor]:
+    """One group of a release folder's weights (:func:`read_groups`)."""
+    return read_groups(path, (group,))[group]
 
 
 def _params(path: Path, section: str) -> dict:
@@ -370,7 +388,7 @@ def export_release(model, template_dir, out_dir) -> Path:
     ``vae`` and ``conditioner`` groups copied). Written to a temporary folder first, then moved into place."""
     template_dir, out_dir = Path(template_dir), Path(out_dir)
     wfile = _weights_file(template_dir)
-    groups = {g: read_group(template_dir, g) for g in ("model", "vae", "conditioner")}
+    groups = read_groups(template_dir)
     groups["model"] = released_state(model, groups["model"])
 
     def write(tmp: Path) -> None:
@@ -465,7 +483,3 @@ def release_conditioner(path, *, dtype: torch.dtype = torch.float32):
                                             processor_size=settings.processor_size,
                                             border_ratio=settings.border_ratio)
     return ImageConditioner(backbone.eval(), config)
-
-
-def release_or_none(path) -> Callable | None:
-    return FORMAT_21 if FORMAT_21.detect(Path(path)) else FORMAT_20 if FORMAT_20.detect(Path(path)) else None

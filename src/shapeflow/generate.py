@@ -186,6 +186,28 @@ def check_token_pair(dit, dit_path, vae, vae_path) -> None:
                              f"{want}, the VAE's scale_factor is {have} (another Hunyuan3D version?)")
 
 
+#: ``shapeflow generate``'s sampler and meshing defaults; a Hunyuan3D release uses the reference pipeline's
+#: (:data:`~shapeflow.models.pretrained.hunyuan_dit.HUNYUAN_SAMPLER`), see :func:`sampler_defaults`.
+DEFAULT_SAMPLER = dict(steps=25, method="heun", shift=1.0, cfg_scale=1.0, resolution=128)
+
+
+def sampler_defaults(dit_path) -> dict:
+    """Steps, method, shift, guidance and marching-cubes resolution to use when the caller names none."""
+    return dict(HUNYUAN_SAMPLER if is_release(dit_path) else DEFAULT_SAMPLER)
+
+
+def open_image(path) -> Image.Image:
+    """An image file as PIL RGBA (when it has transparency) or RGB; one-line errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGBA") if im.mode in ("RGBA", "LA", "P", "PA") else im.convert("RGB")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read image ({e})") from None
+
+
 def image_tokens(image, *, release=None, encoder: str | None = None, num: int = 1, device="cpu",
                  source: str | None = None) -> torch.Tensor:
     """Condition tokens ``(num, l, d)`` of one image (a path, PIL image or ``(h, w, 3|4)`` array): with the
@@ -193,15 +215,8 @@ def image_tokens(image, *, release=None, encoder: str | None = None, num: int = 
     An opaque image must have a flat background (:func:`~shapeflow.models.conditioning.separate_background`);
     errors name ``source`` (the path by default)."""
     if isinstance(image, (str, Path)):
-        path = Path(image)
-        source = source or str(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such image")
-        try:
-            with Image.open(path) as im:
-                image = im.convert("RGBA") if im.mode in ("RGBA", "LA", "P", "PA") else im.convert("RGB")
-        except OSError as e:
-            raise ValueError(f"{path}: cannot read image ({e})") from None
+        source = source or str(image)
+        image = open_image(image)
     enc = release_conditioner(release) if release is not None else \
         ImageConditioner.from_pretrained(encoder or "facebook/dinov2-large")
     enc = enc.to(device)
@@ -212,7 +227,7 @@ def image_tokens(image, *, release=None, encoder: str | None = None, num: int = 
 def image_to_3d(image, dit, vae, *, num: int = 1, steps: int | None = None, cfg_scale: float | None = None,
                 resolution: int | None = None, seed: int = 0, device="cpu", progress: bool = False):
     """One image -> mesh(es) with a released Hunyuan3D DiT folder and its VAE folder (or any image-conditioned
-    token DiT and VecSet VAE checkpoints), with the reference pipeline's defaults (:data:`HUNYUAN_SAMPLER`).
+    token DiT and VecSet VAE checkpoints), with the release's sampler defaults (:func:`sampler_defaults`).
 
     Returns ``(vertices, faces)`` for ``num=1``, else the :class:`Generated` result."""
     dit_model, dit_kind = load_dit(dit)
@@ -222,11 +237,10 @@ def image_to_3d(image, dit, vae, *, num: int = 1, steps: int | None = None, cfg_
                          f"{dit_kind} and a {vae_kind}")
     check_token_pair(dit_model, dit, vae_model, vae)
     released = is_release(dit)
-    defaults = HUNYUAN_SAMPLER if released else dict(steps=25, method="euler", shift=1.0, cfg_scale=1.0,
-                                                     resolution=128)
+    defaults = sampler_defaults(dit)
     cond = image_tokens(image, release=dit if released else None, num=num, device=device)
     out = generate(dit_model, vae_model, dit_kind=dit_kind, vae_kind=vae_kind, num=num, cond=cond,
-                   steps=steps or defaults["steps"], method=defaults["method"],
+                   steps=steps or defaults["steps"], method=defaults["method"], shift=defaults["shift"],
                    cfg_scale=defaults["cfg_scale"] if cfg_scale is None else cfg_scale,
                    resolution=resolution or defaults["resolution"], seed=seed,
                    num_tokens=vae_model.config.num_tokens if released else None, device=device, progress=progress)

@@ -35,20 +35,19 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 
 from shapeflow import fileio
 from shapeflow.checkpoint import CheckpointError
 from shapeflow.data import format as fmt
 from shapeflow.data.preprocess import MANIFEST, PreprocessConfig, process_object, read_manifest
 from shapeflow.evaluate import reconstruct_object
-from shapeflow.generate import PIPELINES, SHIPPED_VAES, check_token_pair, generate
+from shapeflow.generate import PIPELINES, SHIPPED_VAES, check_token_pair, generate, open_image, sampler_defaults
 from shapeflow.geometry.distance import MeshDistance
 from shapeflow.geometry.frame import BOUND
 from shapeflow.geometry.io import load_mesh, save_mesh
 from shapeflow.models import DIT_KINDS, TOKEN_DIT_KINDS, VAE_KINDS, load_dit, load_vae, model_kind
 from shapeflow.models.conditioning import ImageConditioner
-from shapeflow.models.pretrained.hunyuan_dit import HUNYUAN_SAMPLER, is_release, release_conditioner
+from shapeflow.models.pretrained.hunyuan_dit import is_release, release_conditioner
 from shapeflow.render import image_grid, render_mesh, save_png
 
 log = logging.getLogger(__name__)
@@ -455,8 +454,8 @@ class App:
         dit, kind, _ = self._model("dit", gen.dit)
         sampler = None
         if is_release(gen.dit):
-            sampler = {"steps": HUNYUAN_SAMPLER["steps"], "method": HUNYUAN_SAMPLER["method"],
-                       "cfg": HUNYUAN_SAMPLER["cfg_scale"]}
+            d = sampler_defaults(gen.dit)
+            sampler = {"steps": d["steps"], "method": d["method"], "cfg": d["cfg_scale"]}
         return {"cond": dit.config.cond, "classes": list(getattr(dit.config, "classes", ()) or ()), "kind": kind,
                 "sampler": sampler}
 
@@ -553,10 +552,9 @@ class App:
             if not image:
                 raise AppError(f"{gen.label}: image-conditional; upload an image")
             try:
-                with Image.open(image) as im:
-                    img = np.asarray(im.convert("RGBA") if im.mode in ("RGBA", "LA", "P", "PA") else im.convert("RGB"))
-            except OSError as e:
-                raise AppError(f"{Path(image).name}: cannot read image ({_one_line(e)})") from None
+                img = np.asarray(open_image(image))
+            except (OSError, ValueError) as e:
+                raise AppError(_one_line(e).replace(str(image), Path(image).name)) from None
             released = is_release(gen.dit)  # a Hunyuan3D release brings its own DINOv2 and image recipe
             name = str(gen.dit) if released else self.image_encoder
             try:

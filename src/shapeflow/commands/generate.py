@@ -84,10 +84,11 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from shapeflow import fileio
-    from shapeflow.generate import PIPELINES, check_token_pair, generate, image_tokens, load_structure, preview_grid
+    from shapeflow.generate import (PIPELINES, check_token_pair, generate, image_tokens, load_structure, preview_grid,
+                                    sampler_defaults)
     from shapeflow.geometry.io import save_mesh
     from shapeflow.models import TOKEN_DIT_KINDS, load_dit, load_vae
-    from shapeflow.models.pretrained.hunyuan_dit import HUNYUAN_SAMPLER, is_release
+    from shapeflow.models.pretrained.hunyuan_dit import is_release
     from shapeflow.render import save_png
 
     if args.num < 1:
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     released = is_release(dit_path)
     if released and not args.vae:
         raise ValueError(f"{dit_path}: a Hunyuan3D DiT release needs its VAE: pass --vae <hunyuan3d-vae folder>")
-    defaults = HUNYUAN_SAMPLER if released else dict(steps=25, method="heun", cfg_scale=1.0, resolution=128)
+    defaults = sampler_defaults(dit_path)
     for arg, key in (("steps", "steps"), ("method", "method"), ("cfg", "cfg_scale"), ("resolution", "resolution")):
         if getattr(args, arg) is None:
             setattr(args, arg, defaults[key])

@@ -26,6 +26,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 from shapeflow import fileio
 from shapeflow.config import ConfigError, Sources, apply_overrides, build, convert, read_yaml, section, to_dict
+from shapeflow.train.lora import DEFAULT_TARGETS
 from shapeflow.train.tasks import TASKS
 
 __all__ = ["TrainConfig", "ExperimentConfig", "load_config", "config_from_dict", "save_resolved",
@@ -68,7 +69,7 @@ class TrainConfig:
     export_weights: Literal["ema", "model"] = "ema"  # weights written to <out_dir>/final ("model" if ema off)
     lora_rank: int = 0  # > 0: freeze the model, train LoRA adapters of this rank (shapeflow.train.lora)
     lora_alpha: float = 0.0  # adapter scale alpha / rank (0: alpha = rank)
-    lora_targets: tuple[str, ...] = ("to_qkv", "to_q", "to_kv", "to_out", "fc1", "fc2", "linear1", "linear2")
+    lora_targets: tuple[str, ...] = DEFAULT_TARGETS  # last name component of the adapted linear layers
 
     def __post_init__(self) -> None:
         positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
